@@ -1,0 +1,19 @@
+"""gptfn: a GPT written the JAX way on PyTorch — pytree parameters, pure-function layers."""
+
+from gptfn import tree
+from gptfn.interop import from_hf_gpt2, to_hf_gpt2
+from gptfn.model import GPTConfig, forward, init, loss
+from gptfn.typing import runtime_checks_enabled, set_runtime_checks
+
+__all__ = [
+    "GPTConfig",
+    "forward",
+    "from_hf_gpt2",
+    "init",
+    "loss",
+    "runtime_checks_enabled",
+    "set_runtime_checks",
+    "to_hf_gpt2",
+    "tree",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""Shape aliases and the one switch for run-time shape checking.
+
+Public functions are wrapped with :func:`checked`, which runs jaxtyping + beartype on every call
+unless checking is switched off (``gptfn.set_runtime_checks(False)`` or ``GPTFN_CHECKS=0``) or the
+call is being traced by ``torch.compile`` (jaxtyping cannot check fake tensors). Inner functions
+carry the same annotations for the reader but are not checked, so hot loops pay nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
+from torch import Tensor
+
+__all__ = [
+    "Float",
+    "Int",
+    "Params",
+    "Tensor",
+    "checked",
+    "is_transformed",
+    "runtime_checks_enabled",
+    "set_runtime_checks",
+]
+
+Params = dict[str, Any]
+"""A parameter tree: nested dicts (and lists of blocks) whose leaves are tensors."""
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_CHECKS = os.environ.get("GPTFN_CHECKS", "1") not in ("0", "false", "False", "")
+
+
+def set_runtime_checks(enabled: bool) -> bool:
+    """Turn jaxtyping/beartype checks of public functions on or off; returns the previous value."""
+    global _CHECKS
+    previous, _CHECKS = _CHECKS, bool(enabled)
+    return previous
+
+
+def runtime_checks_enabled() -> bool:
+    """Whether public functions currently check their argument shapes and values."""
+    return _CHECKS and not torch.compiler.is_compiling()
+
+
+def is_transformed(tensor: Tensor) -> bool:
+    """True for a tensor wrapped by a torch.func transform (vmap/grad/jvp) or under compile.
+
+    Value checks (``tokens.max()``) are data-dependent: they cannot run inside vmap and would
+    break a compiled graph, so they are skipped for such tensors.
+    """
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def checked(fn: _F) -> _F:
+    """Check ``fn``'s jaxtyping annotations with beartype on each call while checks are on."""
+    typed = jaxtyped(typechecker=beartype)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _CHECKS and not torch.compiler.is_compiling():
+            return typed(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

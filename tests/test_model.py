@@ -1,0 +1,214 @@
+"""Properties of the pure model: causality, batch independence, attention paths, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import optree
+import pytest
+import torch
+from conftest import random_tokens
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gptfn
+from gptfn.model import attend
+
+
+@st.composite
+def small_models(draw: st.DrawFn, dtype: torch.dtype = torch.float32):
+    n_head = draw(st.integers(1, 3))
+    cfg = gptfn.GPTConfig(
+        vocab_size=draw(st.integers(2, 40)),
+        block_size=draw(st.integers(1, 12)),
+        n_layer=draw(st.integers(1, 2)),
+        n_head=n_head,
+        n_embd=n_head * draw(st.integers(1, 6)),
+        bias=draw(st.booleans()),
+        tie_embeddings=draw(st.booleans()),
+    )
+    params = gptfn.init(cfg, seed=draw(st.integers(0, 2**16)), dtype=dtype)
+    # Larger weights than init's 0.02 so that a leak would show far above float noise.
+    params = optree.tree_map(lambda x: x * 10 if x.ndim > 1 else x, params)
+    return cfg, params
+
+
+@given(small_models(torch.float64), st.integers(1, 3), st.data())
+def test_causal(model, batch, data):
+    cfg, params = model
+    seq = data.draw(st.integers(1, cfg.block_size), label="seq")
+    t = data.draw(st.integers(0, seq - 1), label="t")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    tokens = random_tokens(cfg.vocab_size, batch, seq, seed)
+    changed = tokens.clone()
+    changed[:, t:] = random_tokens(cfg.vocab_size, batch, seq - t, seed + 1)
+    before, after = gptfn.forward(params, tokens), gptfn.forward(params, changed)
+    assert torch.equal(before[:, :t], after[:, :t]), f"positions < {t} saw later tokens"
+
+
+@given(small_models(torch.float64), st.integers(2, 4), st.data())
+def test_batch_independent(model, batch, data):
+    cfg, params = model
+    seq = data.draw(st.integers(1, cfg.block_size), label="seq")
+    row = data.draw(st.integers(0, batch - 1), label="row")
+    tokens = random_tokens(cfg.vocab_size, batch, seq, data.draw(st.integers(0, 99)))
+    changed = tokens.clone()
+    changed[row] = (changed[row] + 1) % cfg.vocab_size
+    before, after = gptfn.forward(params, tokens), gptfn.forward(params, changed)
+    others = [i for i in range(batch) if i != row]
+    assert torch.equal(before[others], after[others]), f"changing row {row} changed another row"
+
+
+@given(small_models(), st.integers(1, 3), st.data())
+def test_fast_equals_reference(model, batch, data):
+    cfg, params = model
+    seq = data.draw(st.integers(1, cfg.block_size), label="seq")
+    tokens = random_tokens(cfg.vocab_size, batch, seq, data.draw(st.integers(0, 99)))
+    fast = gptfn.forward(params, tokens, attention="fast")
+    ref = gptfn.forward(params, tokens, attention="reference")
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+@given(
+    st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 4), st.integers(1, 8)
+)
+def test_attend_masked_paths_agree(batch, q_len, extra, heads, d_head):
+    """With an explicit mask (queries attending to a longer cached prefix), both paths agree."""
+    g = torch.Generator().manual_seed(q_len * 31 + extra)
+    k_len = q_len + extra
+    q = torch.randn(batch, q_len, heads, d_head, generator=g)
+    k, v = (torch.randn(batch, k_len, heads, d_head, generator=g) for _ in range(2))
+    mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(diagonal=extra)
+    fast = attend(q, k, v, impl="fast", mask=mask)
+    ref = attend(q, k, v, impl="reference", mask=mask)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_func_grad_matches_autograd_and_reaches_every_leaf(cfg, params):
+    tokens = random_tokens(cfg.vocab_size, 3, 16, 1)
+    targets = random_tokens(cfg.vocab_size, 3, 16, 2)
+    func_grads = torch.func.grad(gptfn.loss)(params, tokens, targets)
+
+    leaves, spec = optree.tree_flatten(params)
+    leaves = [leaf.clone().requires_grad_(True) for leaf in leaves]
+    gptfn.loss(optree.tree_unflatten(spec, leaves), tokens, targets).backward()
+    auto_grads = optree.tree_unflatten(spec, [leaf.grad for leaf in leaves])
+
+    for path, g in gptfn.tree.flatten(func_grads).items():
+        torch.testing.assert_close(g, gptfn.tree.flatten(auto_grads)[path], atol=1e-6, rtol=1e-5)
+        if path.endswith("attn.b_k"):
+            continue  # a key bias shifts every score of a query equally: softmax ignores it
+        assert g.abs().max() > 0, f"no gradient reaches {path}"
+
+
+def test_vmap_over_stacked_params_equals_loop(cfg):
+    trees = [gptfn.init(cfg, seed=s) for s in range(3)]
+    tokens = random_tokens(cfg.vocab_size, 2, 12)
+    stacked = torch.func.vmap(gptfn.forward, in_dims=(0, None))(gptfn.tree.stack(trees), tokens)
+    looped = torch.stack([gptfn.forward(p, tokens) for p in trees])
+    torch.testing.assert_close(stacked, looped, atol=1e-6, rtol=1e-5)
+
+
+def test_init_statistics():
+    cfg = gptfn.GPTConfig(vocab_size=1000, block_size=256, n_layer=6, n_head=8, n_embd=256)
+    params = gptfn.init(cfg, seed=0)
+    resid = 0.02 / math.sqrt(2 * cfg.n_layer)
+    for path, leaf in gptfn.tree.flatten(params).items():
+        name = path.rsplit(".", 1)[-1]
+        if name == "scale":
+            assert torch.equal(leaf, torch.ones_like(leaf)), path
+        elif name.startswith("b") or name == "bias":
+            assert torch.equal(leaf, torch.zeros_like(leaf)), path
+        else:
+            target = resid if name in ("w_o", "w_out") else 0.02
+            assert abs(leaf.std().item() / target - 1) < 0.1, (path, leaf.std().item(), target)
+            assert abs(leaf.mean().item()) < 0.1 * target, path
+
+
+def test_init_is_deterministic_and_seeded(cfg):
+    a, b, c = gptfn.init(cfg, seed=3), gptfn.init(cfg, seed=3), gptfn.init(cfg, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(gptfn.tree.leaves(a), gptfn.tree.leaves(b)))
+    assert not torch.equal(a["wte"], c["wte"])
+
+
+def test_config_from_params_round_trips():
+    cfg = gptfn.GPTConfig(11, 7, 3, 3, 21, bias=False, tie_embeddings=False)
+    params = gptfn.init(cfg)
+    assert gptfn.GPTConfig.from_params(params) == cfg
+    assert "unembed" in params and "b_q" not in params["blocks"][0]["attn"]
+    assert "bias" not in params["ln_f"]
+
+
+def test_loss_ignores_minus_one_targets(cfg, params):
+    tokens = random_tokens(cfg.vocab_size, 2, 10)
+    targets = random_tokens(cfg.vocab_size, 2, 10, 5)
+    masked = targets.clone()
+    masked[:, 5:] = -1
+    logits = gptfn.forward(params, tokens)[:, :5]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), targets[:, :5].reshape(-1))
+    torch.testing.assert_close(gptfn.loss(params, tokens, masked), expected)
+
+
+def test_forward_does_not_mutate_params(cfg, params):
+    before = {k: v.clone() for k, v in gptfn.tree.flatten(params).items()}
+    tokens = random_tokens(cfg.vocab_size, 2, 8)
+    torch.func.grad(gptfn.loss)(params, tokens, tokens)
+    assert all(torch.equal(before[k], v) for k, v in gptfn.tree.flatten(params).items())
+
+
+def test_dropout_uses_the_generator(cfg, params):
+    tokens = random_tokens(cfg.vocab_size, 2, 8)
+
+    def run(seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return gptfn.forward(params, tokens, dropout=0.5, generator=gen)
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+    assert not torch.equal(run(1), gptfn.forward(params, tokens))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "tokens, error, words",
+    [
+        (torch.zeros(8, dtype=torch.long), Exception, "tokens"),  # missing batch axis
+        (torch.zeros(2, 8), Exception, "tokens"),  # float ids
+        (torch.full((2, 8), 97), ValueError, "id 97"),
+        (torch.full((2, 8), -1), ValueError, "id -1"),
+        (torch.zeros(2, 33, dtype=torch.long), ValueError, "block_size 32"),
+    ],
+)
+def test_bad_tokens_raise_clear_errors(params, tokens, error, words):
+    with pytest.raises(error, match=words):
+        gptfn.forward(params, tokens)
+
+
+def test_bad_targets_raise(params):
+    tokens = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="targets contains id -2"):
+        gptfn.loss(params, tokens, torch.full((2, 8), -2))
+    with pytest.raises(Exception, match="targets"):
+        gptfn.loss(params, tokens, torch.zeros(2, 7, dtype=torch.long))
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        gptfn.GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=3, n_embd=16)
+    with pytest.raises(ValueError, match="n_layer"):
+        gptfn.GPTConfig(vocab_size=10, block_size=8, n_layer=0, n_head=1, n_embd=16)
+
+
+def test_runtime_check_switch(params):
+    tokens = torch.full((1, 4), 97)
+    previous = gptfn.set_runtime_checks(False)
+    try:
+        assert not gptfn.runtime_checks_enabled()
+        with pytest.raises(IndexError):  # the value check is skipped: the raw index error shows
+            gptfn.forward(params, tokens)
+    finally:
+        gptfn.set_runtime_checks(previous)
+    with pytest.raises(ValueError, match="id 97"):
+        gptfn.forward(params, tokens)
