@@ -1,14 +1,22 @@
 """gptfn: a GPT written the JAX way on PyTorch — pytree parameters, pure-function layers."""
 
-from gptfn import tree
+from gptfn import optim, tree
+from gptfn.checkpoint import load_run
+from gptfn.generate import generate, generate_stream
 from gptfn.interop import from_hf_gpt2, to_hf_gpt2
 from gptfn.model import GPTConfig, forward, init, loss
+from gptfn.train import make_train_step
 from gptfn.typing import runtime_checks_enabled, set_runtime_checks
 
 __all__ = [
     "GPTConfig",
     "forward",
     "from_hf_gpt2",
+    "generate",
+    "generate_stream",
+    "load_run",
+    "make_train_step",
+    "optim",
     "init",
     "loss",
     "runtime_checks_enabled",

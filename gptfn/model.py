@@ -28,6 +28,7 @@ from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gptfn.remat import remat as checkpoint_block
 from gptfn.typing import Float, Int, Params, Tensor, checked, is_transformed, runtime_checks_enabled
 
 __all__ = [
@@ -307,18 +308,28 @@ def forward(
     attention: AttentionImpl = "fast",
     dropout: float = 0.0,
     generator: torch.Generator | None = None,
+    remat: bool = False,
 ) -> Float[Tensor, "batch seq vocab"]:
     """Logits for every position of ``tokens``; pure in ``params``.
 
     ``attention`` picks the fused SDPA path or the explicit reference path (same function).
     ``dropout`` > 0 applies inverted dropout to the embeddings and each residual branch, drawing
-    from ``generator`` (an explicit ``torch.Generator``) or the global RNG.
+    from ``generator`` (an explicit ``torch.Generator``) or the global RNG. ``remat=True``
+    recomputes each block's activations in the backward pass instead of storing them.
     """
     check_tokens(params, tokens)
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     x = _dropout(embed(params, tokens, positions), dropout, generator)
+
+    def run_block(p: Params, x: Tensor) -> Tensor:
+        return block(p, x, attention=attention, dropout=dropout, generator=generator)
+
+    if remat:
+        if generator is not None and dropout > 0:
+            raise ValueError("remat replays dropout from the global RNG: pass generator=None")
+        run_block = checkpoint_block(run_block)
     for p in params["blocks"]:
-        x = block(p, x, attention=attention, dropout=dropout, generator=generator)
+        x = run_block(p, x)
     return unembed(params, x)
 
 

@@ -1,0 +1,102 @@
+"""Checkpoints: one safetensors file holding params, optimizer state and JSON metadata.
+
+A single file per checkpoint makes the write atomic (temp file + rename) and the read safe:
+safetensors never unpickles. Keys are ``params.<dotted path>`` and ``opt.<dotted path>``; the
+metadata (step, configs, tokenizer, best validation loss ...) is JSON under ``gptfn``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optree
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from gptfn.data.tokenizers import Tokenizer, tokenizer_from_json
+from gptfn.files import atomic_write
+from gptfn.tree import flatten, unflatten
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_run", "checkpoint_path"]
+
+Tree = Any
+
+
+def _opt_paths(state: Tree) -> tuple[list[str], list[torch.Tensor], Any]:
+    paths, leaves, spec = optree.tree_flatten_with_path(state)
+    return [".".join(map(str, p)) for p in paths], leaves, spec
+
+
+def save_checkpoint(path: str | Path, params: Tree, opt_state: Tree | None, meta: dict) -> None:
+    """Atomically write ``params``, ``opt_state`` and ``meta`` to ``path`` (.safetensors)."""
+    tensors = {f"params.{k}": v.detach().contiguous().cpu() for k, v in flatten(params).items()}
+    if opt_state is not None:
+        names, leaves, _ = _opt_paths(opt_state)
+        tensors |= {f"opt.{n}": v.detach().contiguous().cpu() for n, v in zip(names, leaves)}
+    metadata = {"gptfn": json.dumps(meta)}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        tensors = load_file(str(path))
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["gptfn"])
+    except (SafetensorError, KeyError, ValueError, OSError) as err:
+        raise ValueError(f"corrupt or foreign checkpoint {path}: {err}") from None
+    return tensors, meta
+
+
+def load_checkpoint(
+    path: str | Path, opt_template: Tree | None = None, device: torch.device | str = "cpu"
+) -> tuple[Tree, Tree | None, dict]:
+    """Read a checkpoint: ``(params, opt_state, meta)``.
+
+    ``opt_template`` (e.g. ``tx.init(params)``) gives the optimizer state its structure; without
+    it ``opt_state`` is None. A template that does not match the saved state is an error.
+    """
+    tensors, meta = _read(Path(path))
+    params = unflatten({k[7:]: v.to(device) for k, v in tensors.items() if k.startswith("params.")})
+    opt_state = None
+    if opt_template is not None:
+        names, leaves, spec = _opt_paths(opt_template)
+        saved = {k[4:] for k in tensors if k.startswith("opt.")}
+        if saved != set(names):
+            missing, extra = sorted(set(names) - saved)[:3], sorted(saved - set(names))[:3]
+            raise ValueError(
+                f"optimizer state in {path} does not match this optimizer "
+                f"(missing {missing}, unexpected {extra}): was it another --optimizer?"
+            )
+        restored = []
+        for name, like in zip(names, leaves):
+            value = tensors[f"opt.{name}"]
+            if value.shape != like.shape:
+                raise ValueError(
+                    f"optimizer state {name} has shape {tuple(value.shape)} in {path}, "
+                    f"expected {tuple(like.shape)}"
+                )
+            restored.append(value.to(device=like.device, dtype=like.dtype))
+        opt_state = optree.tree_unflatten(spec, restored)
+    return params, opt_state, meta
+
+
+def checkpoint_path(run_dir: str | Path, which: str = "last") -> Path:
+    """``RUN_DIR/last.safetensors`` or ``RUN_DIR/best.safetensors``."""
+    if which not in ("last", "best"):
+        raise ValueError(f"which must be 'last' or 'best', got {which!r}")
+    return Path(run_dir) / f"{which}.safetensors"
+
+
+def load_run(run_dir: str | Path, which: str = "last") -> tuple[Tree, Tokenizer, dict]:
+    """``params, tokenizer, meta`` of a training run's latest (or best) checkpoint."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory {run_dir}")
+    params, _, meta = load_checkpoint(checkpoint_path(run_dir, which))
+    return params, tokenizer_from_json(meta["tokenizer"]), meta

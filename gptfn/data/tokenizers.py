@@ -1,0 +1,181 @@
+"""Tokenizers behind one small interface: ``encode``, ``decode``, ``vocab_size``, JSON save/load.
+
+- ``CharTokenizer``: one id per character seen in the training text.
+- ``BPETokenizer``: byte-level BPE trained locally with Hugging Face ``tokenizers``.
+- ``GPT2Tokenizer``: GPT-2's BPE through ``tiktoken``; needs its files cached locally (offline it
+  fails with a clear message after a short timeout instead of hanging).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from gptfn.files import atomic_write_text
+
+__all__ = [
+    "Tokenizer",
+    "CharTokenizer",
+    "BPETokenizer",
+    "GPT2Tokenizer",
+    "tokenizer_from_json",
+    "load_tokenizer",
+    "train_tokenizer",
+]
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What gptfn needs of a tokenizer."""
+
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class CharTokenizer:
+    """Character-level: the sorted set of characters of the training text."""
+
+    kind = "char"
+
+    def __init__(self, chars: str) -> None:
+        self.chars = "".join(sorted(set(chars)))
+        self.vocab_size = len(self.chars)
+        self._ids = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def train(cls, text: str) -> CharTokenizer:
+        return cls(text)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[c] for c in text]
+        except KeyError as err:
+            raise ValueError(
+                f"character {err.args[0]!r} is not in this tokenizer's vocabulary"
+            ) from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "chars": self.chars}
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenisation) trained on the given text."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self._tok = hf_tokenizer
+        self.vocab_size = hf_tokenizer.get_vocab_size()
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 1024) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        return cls(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "tokenizer": json.loads(self._tok.to_str())}
+
+
+class GPT2Tokenizer:
+    """GPT-2's 50257-token BPE via ``tiktoken`` (its files must be downloadable or cached)."""
+
+    kind = "gpt2"
+
+    def __init__(self, timeout: float = 10.0) -> None:
+        try:
+            import tiktoken
+        except ImportError as err:
+            raise RuntimeError("the gpt2 tokenizer needs tiktoken: pip install tiktoken") from err
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(timeout)
+        try:
+            self._enc = tiktoken.get_encoding("gpt2")
+        except Exception as err:
+            cache = os.environ.get("TIKTOKEN_CACHE_DIR", "the tiktoken cache")
+            raise RuntimeError(
+                "GPT-2 BPE files are not available: tiktoken could not download them and found "
+                f"no copy in {cache} ({type(err).__name__}: {err}). Use --tokenizer char or bpe "
+                "offline, or put the files in TIKTOKEN_CACHE_DIR."
+            ) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+        self.vocab_size = self._enc.n_vocab
+
+    @classmethod
+    def train(cls, text: str) -> GPT2Tokenizer:
+        return cls()
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode(list(ids))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+def tokenizer_from_json(data: dict[str, Any]) -> Tokenizer:
+    """Rebuild a tokenizer from ``to_json()`` output."""
+    kind = data.get("kind")
+    if kind == "char":
+        return CharTokenizer(data["chars"])
+    if kind == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_str(json.dumps(data["tokenizer"])))
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    raise ValueError(f"unknown tokenizer kind {kind!r} (expected char, bpe or gpt2)")
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
+    """Write the tokenizer as JSON (atomically)."""
+    atomic_write_text(Path(path), json.dumps(tokenizer.to_json()))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Read a tokenizer written by :func:`save_tokenizer`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer file at {path}")
+    return tokenizer_from_json(json.loads(path.read_text()))
+
+
+def train_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokenizer:
+    """Build a tokenizer of ``kind`` ("char", "bpe" or "gpt2") from ``text``."""
+    if kind == "char":
+        return CharTokenizer.train(text)
+    if kind == "bpe":
+        return BPETokenizer.train(text, vocab_size or 1024)
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    raise ValueError(f"unknown tokenizer {kind!r}: choose char, bpe or gpt2")

@@ -1,0 +1,179 @@
+"""Evaluation: perplexity (non-overlapping or sliding windows) and BLEU of continuations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gptfn.checkpoint import load_run
+from gptfn.data import load_meta, load_tokens
+from gptfn.data.tokenizers import Tokenizer
+from gptfn.generate import generate
+from gptfn.model import forward
+from gptfn.typing import Params
+
+__all__ = ["windows", "token_nll", "perplexity_report", "bleu_continuations", "evaluate_run"]
+
+
+def windows(
+    n_tokens: int, block_size: int, stride: int | None = None
+) -> list[tuple[int, int, int]]:
+    """``(start, end, first_scored)`` windows over a sequence of ``n_tokens`` ids such that every
+    target (ids 1..n-1) is scored exactly once. Without ``stride`` windows do not overlap; with it
+    they advance by ``stride`` and each target gets at least ``block_size - stride`` context."""
+    stride = block_size if stride is None else stride
+    if not 0 < stride <= block_size:
+        raise ValueError(f"stride must be in [1, block_size={block_size}], got {stride}")
+    out, scored_upto, start = [], 1, 0  # targets [1, scored_upto) are done
+    while scored_upto < n_tokens:
+        end = min(start + block_size + 1, n_tokens)  # inputs [start, end-1), targets (start, end)
+        out.append((start, end, scored_upto))
+        scored_upto = end
+        start += stride
+        if start + 1 >= n_tokens:
+            break
+    return out
+
+
+@torch.no_grad()
+def token_nll(
+    params: Params, ids: np.ndarray | torch.Tensor, stride: int | None = None, batch_size: int = 32
+) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of ``ids[1:]`` given their prefixes, and the count."""
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    block_size = params["wpe"].shape[0]
+    spans = windows(len(ids), block_size, stride)
+    total, count = 0.0, 0
+    device = params["wte"].device
+    for i in range(0, len(spans), batch_size):
+        chunk = spans[i : i + batch_size]
+        width = max(end - start - 1 for start, end, _ in chunk)
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        y = torch.full_like(x, -1)
+        for row, (start, end, first) in enumerate(chunk):
+            n = end - start - 1
+            x[row, :n] = ids[start : end - 1]
+            keep = ids[start + 1 : end].clone()
+            keep[: first - start - 1] = -1  # targets scored by an earlier window
+            y[row, :n] = keep
+        logits = forward(params, x.to(device))
+        total += float(
+            F.cross_entropy(
+                logits.flatten(0, 1).float(),
+                y.flatten().to(device),
+                ignore_index=-1,
+                reduction="sum",
+            )
+        )
+        count += int((y >= 0).sum())
+    return total, count
+
+
+def perplexity_report(
+    total_nll: float, count: int, n_chars: int | None = None, n_bytes: int | None = None
+) -> dict[str, float]:
+    """Mean NLL, perplexity and bits per token (and per character / byte when given)."""
+    mean = total_nll / count
+    report = {
+        "mean_nll": mean,
+        "perplexity": math.exp(mean),
+        "bits_per_token": mean / math.log(2),
+        "tokens": count,
+    }
+    if n_chars:
+        report["bits_per_char"] = total_nll / math.log(2) / n_chars
+    if n_bytes:
+        report["bits_per_byte"] = total_nll / math.log(2) / n_bytes
+    return report
+
+
+def bleu_continuations(
+    params: Params,
+    tokenizer: Tokenizer,
+    text: str,
+    samples: int = 50,
+    context_chars: int = 200,
+) -> dict[str, Any]:
+    """Corpus BLEU (sacrebleu) of greedy continuations of held-out lines: each line's first half
+    (after up to ``context_chars`` of preceding text) is the prompt, its second half the
+    reference."""
+    from sacrebleu.metrics import BLEU
+
+    lines = text.splitlines(keepends=True)
+    offsets = np.cumsum([0] + [len(line) for line in lines])
+    candidates = [i for i, line in enumerate(lines) if len(line.strip()) >= 20]
+    if not candidates:
+        raise ValueError("no held-out lines of at least 20 characters to continue")
+    picked = [
+        candidates[int(j)]
+        for j in np.linspace(0, len(candidates) - 1, min(samples, len(candidates)))
+    ]
+    block_size = params["wpe"].shape[0]
+    prompts, refs, budgets = [], [], []
+    for i in picked:
+        line = lines[i].rstrip("\n")
+        half = len(line) // 2
+        context = text[max(0, offsets[i] - context_chars) : offsets[i]] + line[:half]
+        ref = line[half:]
+        ref_ids = tokenizer.encode(ref)
+        budget = min(len(ref_ids) + 4, block_size // 2)
+        prompts.append(tokenizer.encode(context)[-(block_size - budget) :])
+        refs.append(ref)
+        budgets.append(budget)
+    outputs = generate(params, prompts, max(budgets), temperature=0.0)
+    hyps = [tokenizer.decode(out[:b]).split("\n")[0] for out, b in zip(outputs, budgets)]
+    metric = BLEU()
+    score = metric.corpus_score(hyps, [refs])
+    return {
+        "bleu": score.score,
+        "bleu_signature": str(metric.get_signature()),
+        "bleu_samples": len(hyps),
+        "example": {"reference": refs[0], "hypothesis": hyps[0]},
+    }
+
+
+def evaluate_run(
+    run: str | Path,
+    data: str | Path | None = None,
+    text: str | Path | None = None,
+    stride: int | None = None,
+    bleu_samples: int = 0,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Perplexity of a run's model on its validation split (or ``data``'s, or a raw ``text``
+    file), plus BLEU of ``bleu_samples`` continuations when asked."""
+    params, tokenizer, meta = load_run(run)
+    if text is not None:
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"no text file {path}")
+        raw = path.read_text(encoding="utf-8")
+        ids = np.asarray(tokenizer.encode(raw), dtype=np.int64)
+        source = str(path)
+    else:
+        data_dir = Path(data or meta["data_dir"])
+        data_meta = load_meta(data_dir)
+        if data_meta["vocab_size"] != params["wte"].shape[0]:
+            raise ValueError(
+                f"{data_dir} has vocab {data_meta['vocab_size']}, the model "
+                f"{params['wte'].shape[0]}: prepared with another tokenizer?"
+            )
+        ids = np.asarray(load_tokens(data_dir, "val"), dtype=np.int64)
+        raw = tokenizer.decode(ids.tolist())
+        source = f"{data_dir}/val.bin"
+    total, count = token_nll(params, ids, stride, batch_size)
+    # bits per char/byte are over the characters whose tokens were scored (all but the first)
+    first = tokenizer.decode(ids[:1].tolist())
+    report: dict[str, Any] = {"source": source, "step": meta["step"], "stride": stride or "none"}
+    report |= perplexity_report(
+        total, count, len(raw) - len(first), len(raw.encode()) - len(first.encode())
+    )
+    if bleu_samples:
+        report |= bleu_continuations(params, tokenizer, raw, bleu_samples)
+        report.pop("example")
+    return report

@@ -1,0 +1,202 @@
+"""Generation with a functional KV cache.
+
+The cache is a pytree: per layer preallocated ``k``/``v`` tensors [batch, max_len, head, d_head],
+plus ``pad`` (left-padding per row) and ``length`` (slots filled, shared by all rows). ``prefill``
+and ``decode_step`` are one function, ``extend(params, tokens, cache) -> (logits, cache)``, built
+from the same layers as ``forward``. Like a JAX function with donated buffers, ``extend`` writes
+the new keys and values into the cache's buffers and returns the updated cache; keep using the
+returned one.
+
+Prompts of different lengths are left-padded; each row gets its own positions (counted from its
+first real token) and an attention mask that hides its padding, so padding never changes a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gptfn.model import (
+    attend,
+    attention_out,
+    attention_qkv,
+    check_tokens,
+    embed,
+    layer_norm,
+    mlp,
+    unembed,
+)
+from gptfn.typing import Params
+
+__all__ = [
+    "init_cache",
+    "extend",
+    "prefill",
+    "decode_step",
+    "generate",
+    "generate_stream",
+    "sample_logits",
+]
+
+Cache = dict[str, Any]
+
+
+def init_cache(params: Params, batch: int, max_len: int, pad: Tensor | None = None) -> Cache:
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens (<= block_size)."""
+    block_size = params["wpe"].shape[0]
+    if max_len > block_size:
+        raise ValueError(f"cache length {max_len} exceeds the model's block_size {block_size}")
+    w = params["blocks"][0]["attn"]["w_k"]
+    shape = (batch, max_len, w.shape[1], w.shape[2])
+    layers = [{"k": w.new_zeros(shape), "v": w.new_zeros(shape)} for _ in params["blocks"]]
+    if pad is None:
+        pad = torch.zeros(batch, dtype=torch.long, device=w.device)
+    return {"layers": layers, "pad": pad, "length": 0}
+
+
+def extend(params: Params, tokens: Tensor, cache: Cache) -> tuple[Tensor, Cache]:
+    """Run ``tokens`` [batch, n] after what the cache holds: logits [batch, n, vocab], new cache."""
+    start, n = cache["length"], tokens.shape[1]
+    max_len = cache["layers"][0]["k"].shape[1]
+    if start + n > max_len:
+        raise ValueError(f"cache holds {max_len} tokens; {start} used, {n} more do not fit")
+    check_tokens(params, tokens)
+    pad = cache["pad"]
+    slots = torch.arange(start, start + n, device=tokens.device)
+    positions = (slots[None, :] - pad[:, None]).clamp(min=0)
+    keys = torch.arange(start + n, device=tokens.device)
+    # mask [batch, 1, n, keys]: a key is visible if it is not padding and not in the future;
+    # a padding query sees itself only, so no row is fully masked (no NaN anywhere)
+    key, query = keys[None, None, :], slots[None, :, None]
+    mask = ((key >= pad[:, None, None]) & (key <= query)) | (key == query)
+    mask = mask[:, None]
+    x = embed(params, tokens, positions)
+    layers = []
+    for p, layer in zip(params["blocks"], cache["layers"]):
+        q, k, v = attention_qkv(p["attn"], layer_norm(p["ln_1"], x))
+        layer["k"][:, start : start + n] = k
+        layer["v"][:, start : start + n] = v
+        z = attend(q, layer["k"][:, : start + n], layer["v"][:, : start + n], mask=mask)
+        x = x + attention_out(p["attn"], z)
+        x = x + mlp(p["mlp"], layer_norm(p["ln_2"], x))
+        layers.append(layer)
+    return unembed(params, x), {"layers": layers, "pad": pad, "length": start + n}
+
+
+prefill = extend
+decode_step = extend
+
+
+def sample_logits(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One token id per row of ``logits`` [batch, vocab]: greedy at temperature 0, else sampled
+    from the softmax restricted to the ``top_k`` largest and/or the ``top_p`` nucleus."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+        drop_sorted = before >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    pad = torch.tensor([width - len(r) for r in rows], dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        if r:
+            tokens[i, width - len(r) :] = torch.as_tensor(list(r), dtype=torch.long)
+    return tokens, pad
+
+
+@torch.no_grad()
+def generate_stream(
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+    sliding_window: bool = False,
+) -> Iterator[list[int | None]]:
+    """Yield, per step, one new token for each prompt (None for rows already stopped at EOS)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (and there must be a prompt)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    block_size = params["wpe"].shape[0]
+    device = params["wte"].device
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > block_size and not sliding_window:
+        raise ValueError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context "
+            f"(block_size {block_size}); shorten it or pass sliding_window=True"
+        )
+    if longest > block_size:
+        prompts = [p[-(block_size - 1) :] for p in prompts]  # sliding: keep the latest tokens
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    history = [list(p) for p in prompts]
+    tokens, pad = _left_pad(history, device)
+    cache = init_cache(params, len(prompts), min(block_size, tokens.shape[1] + max_new_tokens), pad)
+    logits, cache = prefill(params, tokens, cache)
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        nxt = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)
+        out: list[int | None] = []
+        for i, t in enumerate(nxt.tolist()):
+            out.append(None if done[i] else t)
+            if not done[i]:
+                history[i].append(t)
+                done[i] = t == eos_token_id
+        yield out
+        if all(done):
+            return
+        if cache["length"] == cache["layers"][0]["k"].shape[1]:  # full: rebuild over a window
+            window = [h[-(block_size - 1) :] for h in history]
+            tokens, pad = _left_pad(window, device)
+            cache = init_cache(params, len(prompts), block_size, pad)
+            logits, cache = prefill(params, tokens, cache)
+        else:
+            logits, cache = decode_step(params, nxt[:, None], cache)
+
+
+def generate(
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    **kwargs: Any,
+) -> list[list[int]]:
+    """New tokens for each prompt (a list of token lists of any lengths), stopping a row at
+    ``eos_token_id`` (included). Keywords as :func:`generate_stream`; same seed, same output."""
+    results: list[list[int]] = [[] for _ in prompts]
+    for step in generate_stream(params, prompts, max_new_tokens, **kwargs):
+        for row, t in zip(results, step):
+            if t is not None:
+                row.append(t)
+    return results

@@ -1,0 +1,47 @@
+"""Functional optimizers over parameter trees, optax-style: ``init``/``update`` and ``chain``."""
+
+from gptfn.optim.aliases import adamw, hidden_matrices, lion, matrices, muon, sgd
+from gptfn.optim.base import GradientTransformation, Schedule, apply_updates, set_foreach
+from gptfn.optim.combine import chain, masked
+from gptfn.optim.schedules import constant_schedule, warmup_cosine_decay_schedule
+from gptfn.optim.transforms import (
+    add_decayed_weights,
+    clip_by_global_norm,
+    identity,
+    newton_schulz,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_lion,
+    scale_by_muon,
+    scale_by_schedule,
+    trace,
+)
+
+__all__ = [
+    "GradientTransformation",
+    "Schedule",
+    "add_decayed_weights",
+    "adamw",
+    "apply_updates",
+    "chain",
+    "clip_by_global_norm",
+    "constant_schedule",
+    "hidden_matrices",
+    "identity",
+    "lion",
+    "masked",
+    "matrices",
+    "muon",
+    "newton_schulz",
+    "scale",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "scale_by_lion",
+    "scale_by_muon",
+    "scale_by_schedule",
+    "set_foreach",
+    "sgd",
+    "trace",
+    "warmup_cosine_decay_schedule",
+]

@@ -1,0 +1,143 @@
+"""The optimizer contract (optax's): ``GradientTransformation(init, update)`` over parameter trees.
+
+``state = tx.init(params)``; ``updates, state = tx.update(grads, state, params)``;
+``params = apply_updates(params, updates)``. Transforms are pure: nothing passed in is mutated.
+
+Leaf arithmetic goes through :func:`leaf_ops`: in eager code it uses the fused
+``torch._foreach_*`` kernels (one call for all leaves); under ``vmap``/``grad``/``jvp``, when a
+hyper-parameter requires grad, or while ``torch.compile`` traces, it runs leaf by leaf: the
+foreach ops have no batching rule, fail when differentiated with respect to a tensor learning
+rate, and their scalar arguments would break a compiled graph. Both paths give equal numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import optree
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GradientTransformation",
+    "Schedule",
+    "apply_updates",
+    "leaf_ops",
+    "set_foreach",
+    "LeafOps",
+]
+
+Tree = Any
+Scalar = float | Tensor
+Schedule = Callable[[Tensor], Tensor]
+"""A function of the 0-d step count (a tensor) returning a 0-d value."""
+
+
+class _Init(Protocol):
+    def __call__(self, params: Tree) -> Tree: ...
+
+
+class _Update(Protocol):
+    def __call__(
+        self, updates: Tree, state: Tree, params: Tree | None = None
+    ) -> tuple[Tree, Tree]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """A pair of pure functions: ``init(params) -> state`` and
+    ``update(updates, state, params=None) -> (new_updates, new_state)``."""
+
+    init: _Init
+    update: _Update
+
+
+_FOREACH = True
+
+
+def set_foreach(enabled: bool) -> bool:
+    """Allow (default) or forbid the fused foreach path; returns the previous setting."""
+    global _FOREACH
+    previous, _FOREACH = _FOREACH, bool(enabled)
+    return previous
+
+
+def _traced(*values: Any) -> bool:
+    if torch._C._functorch.maybe_current_level() is not None:
+        return True
+    return any(isinstance(v, Tensor) and v.requires_grad for v in values)
+
+
+class LeafOps:
+    """Arithmetic on equal-length lists of tensors; ``fused`` selects the foreach kernels."""
+
+    def __init__(self, fused: bool) -> None:
+        self.fused = fused
+
+    @staticmethod
+    def _num(s: Scalar) -> Scalar:
+        return s.item() if isinstance(s, Tensor) else s
+
+    def add(self, xs: list[Tensor], ys: list[Tensor], alpha: Scalar = 1.0) -> list[Tensor]:
+        """xs + alpha * ys."""
+        if self.fused and xs:
+            return torch._foreach_add(xs, ys, alpha=self._num(alpha))
+        return [x + alpha * y for x, y in zip(xs, ys)]
+
+    def scale(self, xs: list[Tensor], s: Scalar) -> list[Tensor]:
+        """s * xs for a scalar s."""
+        if self.fused and xs:
+            return torch._foreach_mul(xs, self._num(s))
+        return [x * s for x in xs]
+
+    def mul(self, xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
+        """Elementwise xs * ys."""
+        if self.fused and xs:
+            return torch._foreach_mul(xs, ys)
+        return [x * y for x, y in zip(xs, ys)]
+
+    def lerp(self, xs: list[Tensor], ys: list[Tensor], weight: Scalar) -> list[Tensor]:
+        """xs + weight * (ys - xs): an exponential moving average step."""
+        if self.fused and xs:
+            return torch._foreach_lerp(xs, ys, self._num(weight))
+        return [x + weight * (y - x) for x, y in zip(xs, ys)]
+
+    def adam_direction(
+        self, mu: list[Tensor], nu: list[Tensor], c1: Scalar, c2: Scalar, eps: Scalar
+    ) -> list[Tensor]:
+        """(mu / c1) / (sqrt(nu / c2) + eps), with c1, c2 the bias corrections."""
+        if self.fused and mu:
+            denom = torch._foreach_add(
+                torch._foreach_sqrt(torch._foreach_div(nu, self._num(c2))), self._num(eps)
+            )
+            return torch._foreach_div(torch._foreach_div(mu, self._num(c1)), denom)
+        return [(m / c1) / ((v / c2).sqrt() + eps) for m, v in zip(mu, nu)]
+
+    def sign(self, xs: list[Tensor]) -> list[Tensor]:
+        """Elementwise sign."""
+        if self.fused and xs:
+            return torch._foreach_sign(xs)
+        return [x.sign() for x in xs]
+
+    def norm(self, xs: list[Tensor]) -> Tensor:
+        """Global L2 norm of all the tensors together (0-d, float32 accumulation)."""
+        if not xs:
+            return torch.zeros(())
+        if self.fused and xs:
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(xs)))
+        return torch.linalg.vector_norm(torch.stack([x.norm() for x in xs]))
+
+
+def leaf_ops(*hyperparams: Any) -> LeafOps:
+    """The fused ops unless a torch.func transform is active, a hyper-parameter needs grad, or
+    ``torch.compile`` is tracing (it fuses the leaf-by-leaf ops itself, without graph breaks)."""
+    fused = _FOREACH and not torch.compiler.is_compiling() and not _traced(*hyperparams)
+    return LeafOps(fused=fused)
+
+
+def apply_updates(params: Tree, updates: Tree) -> Tree:
+    """New params ``params + updates`` (updates cast to each param's dtype); inputs untouched."""
+    p_leaves, spec = optree.tree_flatten(params)
+    u_leaves = spec.flatten_up_to(updates)
+    u_leaves = [u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
+    return optree.tree_unflatten(spec, leaf_ops().add(p_leaves, u_leaves))

@@ -1,0 +1,56 @@
+"""Plots of a run's ``log.jsonl``: training and validation loss against step, and the LR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["read_log", "plot_run"]
+
+
+def read_log(run_dir: str | Path) -> list[dict]:
+    """The run's log records, one per logged step (the latest record wins after a resume)."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no training log at {path}")
+    records: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[record["step"]] = record
+    return [records[s] for s in sorted(records)]
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write a PNG of the loss curves and learning rate; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(run_dir)
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig, (ax_loss, ax_lr) = plt.subplots(
+        2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    steps = [r["step"] for r in records]
+    ax_loss.plot(steps, [r["train_loss"] for r in records], label="train loss", alpha=0.7)
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        ax_loss.plot(*zip(*val), "o-", label="val loss")
+    ax_loss.set_ylabel("cross-entropy (nats)")
+    ax_loss.set_title(
+        f"{Path(run_dir).name}: loss "
+        f"(val perplexity {records[-1].get('val_perplexity', float('nan')):.2f} at end)"
+    )
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, [r["lr"] for r in records], color="tab:green")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

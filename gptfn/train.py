@@ -1,0 +1,387 @@
+"""Training: a pure step built from ``torch.func.grad_and_value``, and the loop around it.
+
+``make_train_step(tx)`` returns ``step(params, opt_state, batch) -> (params, opt_state, metrics)``:
+pure, so it composes with ``vmap``/``grad`` and ``torch.compile``. The loop (:func:`train`) owns
+everything with side effects: data, the schedule of evaluation, logging, checkpoints, progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optree
+import torch
+from torch import Tensor
+
+import gptfn.optim as optim
+from gptfn.checkpoint import load_checkpoint, save_checkpoint
+from gptfn.data import (
+    Prefetcher,
+    load_meta,
+    load_tokenizer,
+    load_tokens,
+    prepare,
+    random_batch,
+    sequential_batches,
+)
+from gptfn.model import GPTConfig, init, loss
+from gptfn.tree import global_norm, param_count
+
+__all__ = [
+    "TrainConfig",
+    "make_train_step",
+    "loss_scaling",
+    "make_optimizer",
+    "train",
+    "evaluate_loss",
+]
+
+Tree = Any
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- the pure step
+
+
+def loss_scaling(
+    tx: optim.GradientTransformation, init_scale: float = 2.0**15, growth_interval: int = 2000
+) -> optim.GradientTransformation:
+    """Dynamic loss scaling for float16: wraps ``tx``; its state carries ``loss_scale``.
+
+    ``make_train_step`` multiplies the loss by the scale and divides the gradients by it. A step
+    whose gradients are not finite is skipped (zero update, inner state kept) and halves the
+    scale; ``growth_interval`` finite steps in a row double it.
+    """
+
+    def init(params: Tree) -> Tree:
+        return {
+            "inner": tx.init(params),
+            "loss_scale": torch.tensor(init_scale),
+            "good_steps": torch.zeros((), dtype=torch.int64),
+        }
+
+    def update(grads: Tree, state: Tree, params: Tree | None = None) -> tuple[Tree, Tree]:
+        finite = torch.isfinite(global_norm(grads))
+        safe = optree.tree_map(lambda g: torch.where(finite, g, torch.zeros_like(g)), grads)
+        updates, inner = tx.update(safe, state["inner"], params)
+        keep = lambda new, old: torch.where(finite, new, old)  # noqa: E731
+        updates = optree.tree_map(lambda u: keep(u, torch.zeros_like(u)), updates)
+        inner = optree.tree_map(keep, inner, state["inner"])
+        good = torch.where(finite, state["good_steps"] + 1, torch.zeros_like(state["good_steps"]))
+        grow = good >= growth_interval
+        scale = torch.where(finite, state["loss_scale"], state["loss_scale"] / 2)
+        scale = torch.where(grow, scale * 2, scale)
+        good = torch.where(grow, torch.zeros_like(good), good)
+        return updates, {"inner": inner, "loss_scale": scale, "good_steps": good}
+
+    return optim.GradientTransformation(init, update)
+
+
+def make_train_step(
+    tx: optim.GradientTransformation,
+    loss_fn: Callable[..., Tensor] = loss,
+    *,
+    accum_steps: int = 1,
+    dtype: torch.dtype | str | None = None,
+    **loss_kwargs: Any,
+) -> Callable[[Tree, Tree, tuple[Tensor, Tensor]], tuple[Tree, Tree, dict[str, Tensor]]]:
+    """A pure step ``(params, opt_state, (tokens, targets)) -> (params, opt_state, metrics)``.
+
+    ``accum_steps`` splits the batch into that many equal micro-batches and averages their
+    gradients (the same update as the whole batch at once, in less memory). ``dtype`` bfloat16
+    or float16 runs the loss under autocast (params stay float32); float16 needs ``tx`` wrapped
+    in :func:`loss_scaling`. ``loss_kwargs`` go to ``loss_fn`` (``dropout=``, ``remat=`` ...).
+    ``metrics`` holds 0-d tensors: ``loss`` and ``grad_norm`` (before any clipping).
+    """
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    autocast_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+    def scaled_loss(params: Tree, tokens: Tensor, targets: Tensor, scale: Tensor | None):
+        context = (
+            torch.autocast(tokens.device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with context:
+            value = loss_fn(params, tokens, targets, **loss_kwargs)
+        value = value.float()
+        return (value * scale if scale is not None else value), value
+
+    grad_fn = torch.func.grad_and_value(scaled_loss, has_aux=True)
+
+    def step(params: Tree, opt_state: Tree, batch: tuple[Tensor, Tensor]):
+        tokens, targets = batch
+        scale = opt_state.get("loss_scale") if isinstance(opt_state, dict) else None
+        if autocast_dtype == torch.float16 and scale is None:
+            raise ValueError("float16 training needs tx wrapped in gptfn.train.loss_scaling(tx)")
+        if tokens.shape[0] % accum_steps:
+            raise ValueError(
+                f"batch of {tokens.shape[0]} rows does not split into "
+                f"{accum_steps} equal micro-batches"
+            )
+        grads, total = None, torch.zeros(())
+        for x, y in zip(tokens.chunk(accum_steps), targets.chunk(accum_steps)):
+            g, (_, value) = grad_fn(params, x, y, scale)
+            grads = g if grads is None else optree.tree_map(torch.add, grads, g)
+            total = total + value
+        inv = 1.0 / accum_steps if scale is None else 1.0 / (accum_steps * scale)
+        grads = optree.tree_map(lambda g: g * inv, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optim.apply_updates(params, updates)
+        return params, opt_state, {"loss": total / accum_steps, "grad_norm": global_norm(grads)}
+
+    return step
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``gptfn train`` can set. The defaults train the built-in corpus (char level)
+    to a held-out loss of about 1.6 in under 10 minutes on 2 CPU cores."""
+
+    data: str | None = None
+    out: str = "runs/shakespeare-char"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    bias: bool = True
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 2500
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    optimizer: str = "adamw"
+    dtype: str = "float32"
+    compile: bool = False
+    remat: bool = False
+    eval_interval: int = 250
+    eval_steps: int = 20
+    log_interval: int = 10
+    seed: int = 1337
+    resume: bool = False
+    device: str = "cpu"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; valid: {sorted(known)}")
+        return cls(**values)
+
+
+def lr_schedule(cfg: TrainConfig, peak: float | None = None) -> optim.Schedule:
+    """Linear warm-up to ``peak`` (default ``cfg.lr``), cosine decay to the same ratio of
+    ``min_lr`` at ``max_steps``."""
+    peak = cfg.lr if peak is None else peak
+    floor = cfg.min_lr * peak / cfg.lr
+    return optim.warmup_cosine_decay_schedule(
+        0.0, peak, cfg.warmup_steps, max(cfg.max_steps, cfg.warmup_steps), floor
+    )
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.GradientTransformation:
+    """Clipping, then the chosen optimizer on the warm-up + cosine schedule."""
+    schedule = lr_schedule(cfg)
+    if cfg.optimizer == "adamw":
+        tx = optim.adamw(schedule, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        tx = optim.sgd(schedule, momentum=cfg.beta1, nesterov=True)
+    elif cfg.optimizer == "lion":
+        tx = optim.lion(schedule, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "muon":
+        tx = optim.muon(
+            lr_schedule(cfg, peak=0.02), adam_learning_rate=schedule, b1=cfg.beta1, b2=cfg.beta2
+        )
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}: choose adamw, sgd, lion or muon")
+    if cfg.grad_clip > 0:
+        tx = optim.chain(optim.clip_by_global_norm(cfg.grad_clip), tx)
+    return loss_scaling(tx) if cfg.dtype == "float16" else tx
+
+
+def evaluate_loss(
+    params: Tree,
+    data: np.ndarray,
+    batch_size: int,
+    block_size: int,
+    device: torch.device | str = "cpu",
+    max_batches: int | None = None,
+) -> float:
+    """Mean next-token loss over ``data`` in non-overlapping windows (every token scored once)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, (x, y) in enumerate(sequential_batches(data, batch_size, block_size, device)):
+            if max_batches is not None and i >= max_batches:
+                break
+            n = int((y >= 0).sum())
+            total += float(loss(params, x, y)) * n
+            count += n
+    if count == 0:
+        raise ValueError("no tokens to evaluate")
+    return total / count
+
+
+def _estimate_val(params: Tree, val: np.ndarray, cfg: TrainConfig) -> float:
+    """Validation loss on ``eval_steps`` fixed random batches (the same ones at every eval)."""
+    with torch.no_grad():
+        losses = [
+            float(
+                loss(
+                    params,
+                    *random_batch(val, cfg.batch_size, cfg.block_size, cfg.seed + 1, i, cfg.device),
+                )
+            )
+            for i in range(cfg.eval_steps)
+        ]
+    return sum(losses) / len(losses)
+
+
+def _data_dir(cfg: TrainConfig) -> Path:
+    if cfg.data is not None:
+        return Path(cfg.data)
+    builtin = Path("data/shakespeare_char")
+    if not (builtin / "meta.json").is_file():
+        print(f"preparing the built-in Shakespeare corpus in {builtin} ...", flush=True)
+        prepare(None, builtin, tokenizer="char")
+    return builtin
+
+
+def train(cfg: TrainConfig, callbacks: list[Callable[[dict], None]] = ()) -> dict[str, Any]:
+    """Train a model as ``cfg`` says; returns a summary (run dir, steps, losses, seconds).
+
+    Writes ``last.safetensors`` every ``eval_interval`` steps and at the end, ``best.safetensors``
+    whenever validation improves, and ``log.jsonl``. ``callbacks`` get each log record.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    data_dir = _data_dir(cfg)
+    meta = load_meta(data_dir)
+    tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+    train_data, val_data = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
+    model_cfg = GPTConfig(
+        meta["vocab_size"], cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, bias=cfg.bias
+    )
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    tx = make_optimizer(cfg)
+    params = init(model_cfg, seed=cfg.seed, device=cfg.device)
+    opt_state = tx.init(params)
+    start, best_val = 0, math.inf
+    last = run_dir / "last.safetensors"
+    if cfg.resume and last.is_file():
+        params, opt_state, saved = load_checkpoint(last, opt_state, cfg.device)
+        if saved["model"] != model_cfg.to_dict():
+            raise ValueError(
+                f"cannot resume: {last} holds model {saved['model']}, "
+                f"this run asks for {model_cfg.to_dict()}"
+            )
+        start, best_val = saved["step"], saved.get("best_val_loss", math.inf)
+        print(f"resuming from {last} at step {start}", flush=True)
+
+    step_fn = make_train_step(
+        tx, accum_steps=cfg.grad_accum, dtype=cfg.dtype, dropout=cfg.dropout, remat=cfg.remat
+    )
+    if cfg.compile:
+        step_fn = torch.compile(step_fn)
+    schedule = lr_schedule(cfg)
+    rows = cfg.batch_size * cfg.grad_accum
+    batches = Prefetcher(
+        lambda s: random_batch(train_data, rows, cfg.block_size, cfg.seed, s, cfg.device),
+        start,
+        cfg.max_steps,
+    )
+
+    def checkpoint(path: Path, step: int) -> None:
+        save_checkpoint(
+            path,
+            params,
+            opt_state,
+            {
+                "step": step,
+                "model": model_cfg.to_dict(),
+                "train": asdict(cfg),
+                "tokenizer": tokenizer.to_json(),
+                "best_val_loss": best_val,
+                "data_dir": str(data_dir.resolve()),
+            },
+        )
+
+    log = (run_dir / "log.jsonl").open("a")
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not cfg.progress, dynamic_ncols=True)
+    t_start = t_last = time.perf_counter()
+    tokens_since, record = 0, {}
+    try:
+        for step, batch in batches:
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step
+            new_params, new_state, metrics = step_fn(params, opt_state, batch)
+            train_loss = float(metrics["loss"])
+            if not math.isfinite(train_loss) and cfg.dtype != "float16":
+                raise FloatingPointError(
+                    f"non-finite loss ({train_loss}) at step {step + 1}; stopping. The last good "
+                    f"checkpoint is kept at {last if last.is_file() else '(none yet)'}"
+                )
+            params, opt_state = new_params, new_state
+            done = step + 1
+            tokens_since += rows * cfg.block_size
+            bar.update(1)
+            is_eval = done % cfg.eval_interval == 0 or done == cfg.max_steps
+            if done % cfg.log_interval == 0 or is_eval:
+                now = time.perf_counter()
+                record = {
+                    "step": done,
+                    "train_loss": train_loss,
+                    "lr": float(schedule(torch.tensor(step))),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
+                    "time": now - t_start,
+                }
+                t_last, tokens_since = now, 0
+                if is_eval:
+                    val = _estimate_val(params, val_data, cfg)
+                    record |= {"val_loss": val, "val_perplexity": math.exp(val)}
+                    if val < best_val:
+                        best_val = val
+                        checkpoint(run_dir / "best.safetensors", done)
+                    checkpoint(last, done)
+                bar.set_postfix(
+                    loss=f"{train_loss:.3f}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    lr=f"{record['lr']:.2e}",
+                )
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                for callback in callbacks:
+                    callback(record)
+    finally:
+        bar.close()
+        log.close()
+    return {
+        "run_dir": str(run_dir),
+        "steps": cfg.max_steps,
+        "best_val_loss": best_val,
+        "last": record,
+        "seconds": time.perf_counter() - t_start,
+        "params": param_count(params),
+    }
