@@ -153,7 +153,7 @@ def embed(
     params: Params, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "*#batch seq"]
 ) -> Float[Tensor, "batch seq d_model"]:
     """Token embedding plus learned position embedding."""
-    return params["wte"][tokens] + params["wpe"][positions]
+    return F.embedding(tokens, params["wte"]) + F.embedding(positions, params["wpe"])
 
 
 def layer_norm(
@@ -163,12 +163,19 @@ def layer_norm(
     return F.layer_norm(x, x.shape[-1:], p["scale"], p.get("bias"), eps)
 
 
+def _dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """x @ w + b for w stored [in, out], as one fused addmm (``F.linear`` takes [out, in]; the
+    transpose is a view). Fusing matters under autocast: a separate ``+ b`` with a float32 bias
+    would promote the bfloat16 product back to float32."""
+    return F.linear(x, w.T, b)
+
+
 def _linear_heads(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """[b s d] x [d h k] (+ [h k]) -> [b s h k] as one matmul."""
     heads = w.shape[1]
-    y = x @ rearrange(w, "d h k -> d (h k)")
-    if b is not None:
-        y = y + rearrange(b, "h k -> (h k)")
+    y = _dense(
+        x, rearrange(w, "d h k -> d (h k)"), None if b is None else rearrange(b, "h k -> (h k)")
+    )
     return rearrange(y, "b s (h k) -> b s h k", h=heads)
 
 
@@ -235,17 +242,15 @@ def attention_out(
     p: Params, z: Float[Tensor, "batch seq head d_head"]
 ) -> Float[Tensor, "batch seq d_model"]:
     """Output projection: sum over heads of z_h @ w_o[h] (+ b_o)."""
-    y = rearrange(z, "b s h k -> b s (h k)") @ rearrange(p["w_o"], "h k d -> (h k) d")
-    return y + p["b_o"] if "b_o" in p else y
+    return _dense(
+        rearrange(z, "b s h k -> b s (h k)"), rearrange(p["w_o"], "h k d -> (h k) d"), p.get("b_o")
+    )
 
 
 def mlp(p: Params, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
     """Two-layer feed-forward with tanh-approximated GELU (as GPT-2)."""
-    hidden = x @ p["w_in"]
-    if "b_in" in p:
-        hidden = hidden + p["b_in"]
-    out = F.gelu(hidden, approximate="tanh") @ p["w_out"]
-    return out + p["b_out"] if "b_out" in p else out
+    hidden = F.gelu(_dense(x, p["w_in"], p.get("b_in")), approximate="tanh")
+    return _dense(hidden, p["w_out"], p.get("b_out"))
 
 
 def _dropout(x: Tensor, rate: float, generator: torch.Generator | None) -> Tensor:
@@ -272,7 +277,7 @@ def block(
 
 def unembed(params: Params, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
     """Final layer norm, then logits through the (tied unless ``unembed`` exists) embedding."""
-    return layer_norm(params["ln_f"], x) @ params.get("unembed", params["wte"]).T
+    return F.linear(layer_norm(params["ln_f"], x), params.get("unembed", params["wte"]))
 
 
 # ----------------------------------------------------------------------------- model
@@ -343,4 +348,5 @@ def loss(
     """Mean next-token cross-entropy; positions whose target is -1 are ignored."""
     check_tokens(params, targets, "targets", allow=1)
     logits = forward(params, tokens, **forward_kwargs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import optree
 import pytest
 import torch
 from conftest import random_tokens
@@ -13,59 +12,44 @@ from hypothesis import strategies as st
 
 import gptfn
 from gptfn.model import attend
+from gptfn.testing import (
+    assert_batch_independent,
+    assert_causal,
+    assert_grads_match,
+    assert_no_mutation,
+    assert_vmap_matches_loop,
+    configs,
+    models,
+    tokens,
+)
 
 
-@st.composite
-def small_models(draw: st.DrawFn, dtype: torch.dtype = torch.float32):
-    n_head = draw(st.integers(1, 3))
-    cfg = gptfn.GPTConfig(
-        vocab_size=draw(st.integers(2, 40)),
-        block_size=draw(st.integers(1, 12)),
-        n_layer=draw(st.integers(1, 2)),
-        n_head=n_head,
-        n_embd=n_head * draw(st.integers(1, 6)),
-        bias=draw(st.booleans()),
-        tie_embeddings=draw(st.booleans()),
+def small_models(dtype: torch.dtype = torch.float32):
+    return models(
+        configs(vocab_size=(2, 40), block_size=(1, 12), n_head=(1, 3), head_size=(1, 6)),
+        dtype=dtype,
     )
-    params = gptfn.init(cfg, seed=draw(st.integers(0, 2**16)), dtype=dtype)
-    # Larger weights than init's 0.02 so that a leak would show far above float noise.
-    params = optree.tree_map(lambda x: x * 10 if x.ndim > 1 else x, params)
-    return cfg, params
 
 
-@given(small_models(torch.float64), st.integers(1, 3), st.data())
-def test_causal(model, batch, data):
+@given(small_models(torch.float64), st.data())
+def test_causal(model, data):
     cfg, params = model
-    seq = data.draw(st.integers(1, cfg.block_size), label="seq")
-    t = data.draw(st.integers(0, seq - 1), label="t")
-    seed = data.draw(st.integers(0, 2**16), label="seed")
-    tokens = random_tokens(cfg.vocab_size, batch, seq, seed)
-    changed = tokens.clone()
-    changed[:, t:] = random_tokens(cfg.vocab_size, batch, seq - t, seed + 1)
-    before, after = gptfn.forward(params, tokens), gptfn.forward(params, changed)
-    assert torch.equal(before[:, :t], after[:, :t]), f"positions < {t} saw later tokens"
+    assert_causal(gptfn.forward, params, data.draw(tokens(cfg, batch=(1, 3))), atol=0.0)
 
 
-@given(small_models(torch.float64), st.integers(2, 4), st.data())
-def test_batch_independent(model, batch, data):
+@given(small_models(torch.float64), st.data())
+def test_batch_independent(model, data):
     cfg, params = model
-    seq = data.draw(st.integers(1, cfg.block_size), label="seq")
-    row = data.draw(st.integers(0, batch - 1), label="row")
-    tokens = random_tokens(cfg.vocab_size, batch, seq, data.draw(st.integers(0, 99)))
-    changed = tokens.clone()
-    changed[row] = (changed[row] + 1) % cfg.vocab_size
-    before, after = gptfn.forward(params, tokens), gptfn.forward(params, changed)
-    others = [i for i in range(batch) if i != row]
-    assert torch.equal(before[others], after[others]), f"changing row {row} changed another row"
+    toks = data.draw(tokens(cfg, batch=(2, 4)))
+    assert_batch_independent(gptfn.forward, params, toks, atol=0.0)
 
 
-@given(small_models(), st.integers(1, 3), st.data())
-def test_fast_equals_reference(model, batch, data):
+@given(small_models(), st.data())
+def test_fast_equals_reference(model, data):
     cfg, params = model
-    seq = data.draw(st.integers(1, cfg.block_size), label="seq")
-    tokens = random_tokens(cfg.vocab_size, batch, seq, data.draw(st.integers(0, 99)))
-    fast = gptfn.forward(params, tokens, attention="fast")
-    ref = gptfn.forward(params, tokens, attention="reference")
+    toks = data.draw(tokens(cfg))
+    fast = gptfn.forward(params, toks, attention="fast")
+    ref = gptfn.forward(params, toks, attention="reference")
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -84,29 +68,19 @@ def test_attend_masked_paths_agree(batch, q_len, extra, heads, d_head):
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_func_grad_matches_autograd_and_reaches_every_leaf(cfg, params):
-    tokens = random_tokens(cfg.vocab_size, 3, 16, 1)
+def test_func_grad_matches_autograd_and_finite_differences_and_reaches_every_leaf(cfg, params):
+    toks = random_tokens(cfg.vocab_size, 3, 16, 1)
     targets = random_tokens(cfg.vocab_size, 3, 16, 2)
-    func_grads = torch.func.grad(gptfn.loss)(params, tokens, targets)
-
-    leaves, spec = optree.tree_flatten(params)
-    leaves = [leaf.clone().requires_grad_(True) for leaf in leaves]
-    gptfn.loss(optree.tree_unflatten(spec, leaves), tokens, targets).backward()
-    auto_grads = optree.tree_unflatten(spec, [leaf.grad for leaf in leaves])
-
-    for path, g in gptfn.tree.flatten(func_grads).items():
-        torch.testing.assert_close(g, gptfn.tree.flatten(auto_grads)[path], atol=1e-6, rtol=1e-5)
+    assert_grads_match(gptfn.loss, params, toks, targets)
+    for path, g in gptfn.tree.flatten(torch.func.grad(gptfn.loss)(params, toks, targets)).items():
         if path.endswith("attn.b_k"):
             continue  # a key bias shifts every score of a query equally: softmax ignores it
         assert g.abs().max() > 0, f"no gradient reaches {path}"
 
 
 def test_vmap_over_stacked_params_equals_loop(cfg):
-    trees = [gptfn.init(cfg, seed=s) for s in range(3)]
-    tokens = random_tokens(cfg.vocab_size, 2, 12)
-    stacked = torch.func.vmap(gptfn.forward, in_dims=(0, None))(gptfn.tree.stack(trees), tokens)
-    looped = torch.stack([gptfn.forward(p, tokens) for p in trees])
-    torch.testing.assert_close(stacked, looped, atol=1e-6, rtol=1e-5)
+    stacked = gptfn.tree.stack([gptfn.init(cfg, seed=s) for s in range(3)])
+    assert_vmap_matches_loop(gptfn.forward, stacked, random_tokens(cfg.vocab_size, 2, 12))
 
 
 def test_init_statistics():
@@ -149,11 +123,10 @@ def test_loss_ignores_minus_one_targets(cfg, params):
     torch.testing.assert_close(gptfn.loss(params, tokens, masked), expected)
 
 
-def test_forward_does_not_mutate_params(cfg, params):
-    before = {k: v.clone() for k, v in gptfn.tree.flatten(params).items()}
-    tokens = random_tokens(cfg.vocab_size, 2, 8)
-    torch.func.grad(gptfn.loss)(params, tokens, tokens)
-    assert all(torch.equal(before[k], v) for k, v in gptfn.tree.flatten(params).items())
+def test_forward_and_grad_do_not_mutate_params(cfg, params):
+    toks = random_tokens(cfg.vocab_size, 2, 8)
+    assert_no_mutation(gptfn.forward, params, toks)
+    assert_no_mutation(torch.func.grad(gptfn.loss), params, toks, toks)
 
 
 def test_dropout_uses_the_generator(cfg, params):

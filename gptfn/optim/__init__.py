@@ -1,7 +1,7 @@
 """Functional optimizers over parameter trees, optax-style: ``init``/``update`` and ``chain``."""
 
 from gptfn.optim.aliases import adamw, hidden_matrices, lion, matrices, muon, sgd
-from gptfn.optim.base import GradientTransformation, Schedule, apply_updates, set_foreach
+from gptfn.optim.base import GradientTransformation, Schedule, apply_updates, leaf_ops, set_foreach
 from gptfn.optim.combine import chain, masked
 from gptfn.optim.schedules import constant_schedule, warmup_cosine_decay_schedule
 from gptfn.optim.transforms import (
@@ -28,6 +28,7 @@ __all__ = [
     "clip_by_global_norm",
     "constant_schedule",
     "hidden_matrices",
+    "leaf_ops",
     "identity",
     "lion",
     "masked",

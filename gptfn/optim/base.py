@@ -12,6 +12,7 @@ rate, and their scalar arguments would break a compiled graph. Both paths give e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -102,15 +103,25 @@ class LeafOps:
             return torch._foreach_lerp(xs, ys, self._num(weight))
         return [x + weight * (y - x) for x, y in zip(xs, ys)]
 
+    def lerp_square(self, xs: list[Tensor], ys: list[Tensor], weight: Scalar) -> list[Tensor]:
+        """xs + weight * (ys**2 - xs): a moving average of squares."""
+        if self.fused and xs:
+            out = torch._foreach_mul(xs, 1 - self._num(weight))  # a fresh tensor: ours to update
+            torch._foreach_addcmul_(out, ys, ys, self._num(weight))
+            return out
+        return [x + weight * (y * y - x) for x, y in zip(xs, ys)]
+
     def adam_direction(
         self, mu: list[Tensor], nu: list[Tensor], c1: Scalar, c2: Scalar, eps: Scalar
     ) -> list[Tensor]:
         """(mu / c1) / (sqrt(nu / c2) + eps), with c1, c2 the bias corrections."""
         if self.fused and mu:
-            denom = torch._foreach_add(
-                torch._foreach_sqrt(torch._foreach_div(nu, self._num(c2))), self._num(eps)
-            )
-            return torch._foreach_div(torch._foreach_div(mu, self._num(c1)), denom)
+            denom = torch._foreach_sqrt(nu)  # fresh tensors, updated in place below
+            torch._foreach_div_(denom, math.sqrt(self._num(c2)))
+            torch._foreach_add_(denom, self._num(eps))
+            out = torch._foreach_div(mu, denom)
+            torch._foreach_div_(out, self._num(c1))
+            return out
         return [(m / c1) / ((v / c2).sqrt() + eps) for m, v in zip(mu, nu)]
 
     def sign(self, xs: list[Tensor]) -> list[Tensor]:

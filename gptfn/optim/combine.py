@@ -48,23 +48,32 @@ def masked(inner: GradientTransformation, mask: MaskSpec) -> GradientTransformat
     """Apply ``inner`` to the chosen leaves only; the others pass through unchanged.
 
     ``inner`` sees (and its state holds) a flat ``{"dotted.path": leaf}`` dict of the chosen
-    leaves, so masked state checkpoints under the same paths as the params.
+    leaves, so masked state checkpoints under the same paths as the params. The selection is
+    computed once per tree structure and leaf shapes, then reused.
     """
+    selections: dict[Any, list[tuple[int, str]]] = {}
 
-    def pick(tree: Tree, paths: list[str]) -> dict[str, Tensor]:
-        flat = flatten(tree)
-        return {p: flat[p] for p in paths}
+    def select(tree: Tree) -> tuple[list[Tensor], Any, list[tuple[int, str]]]:
+        leaves, spec = optree.tree_flatten(tree)
+        key = (spec, tuple(tuple(x.shape) for x in leaves))
+        if key not in selections:
+            paths = list(flatten(tree))
+            chosen = set(_selected(mask, tree))
+            selections[key] = [(i, p) for i, p in enumerate(paths) if p in chosen]
+        return leaves, spec, selections[key]
 
     def init(params: Tree) -> Tree:
-        return inner.init(pick(params, _selected(mask, params)))
+        leaves, _, chosen = select(params)
+        return inner.init({path: leaves[i] for i, path in chosen})
 
     def update(updates: Tree, state: Tree, params: Tree | None = None) -> tuple[Tree, Tree]:
-        structure = updates if params is None else params
-        paths = _selected(mask, structure)
-        sub_params = None if params is None else pick(params, paths)
-        new_sub, state = inner.update(pick(updates, paths), state, sub_params)
-        merged = flatten(updates) | new_sub
-        spec = optree.tree_structure(updates)
-        return optree.tree_unflatten(spec, [merged[p] for p in flatten(updates)]), state
+        leaves, spec, chosen = select(updates if params is None else params)
+        u_leaves = spec.flatten_up_to(updates) if params is not None else leaves
+        sub_params = None if params is None else {path: leaves[i] for i, path in chosen}
+        new_sub, state = inner.update({path: u_leaves[i] for i, path in chosen}, state, sub_params)
+        out = list(u_leaves)
+        for i, path in chosen:
+            out[i] = new_sub[path]
+        return optree.tree_unflatten(spec, out), state
 
     return GradientTransformation(init, update)

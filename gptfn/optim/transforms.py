@@ -95,7 +95,7 @@ def scale_by_adam(
 
         def step(g: list[Tensor], mu: list[Tensor], nu: list[Tensor]):
             mu = ops.lerp(mu, g, 1 - b1)
-            nu = ops.lerp(nu, ops.mul(g, g), 1 - b2)
+            nu = ops.lerp_square(nu, g, 1 - b2)
             c1, c2 = 1 - b1**count, 1 - b2**count
             return ops.adam_direction(mu, nu, c1, c2, eps), mu, nu
 

@@ -1,0 +1,299 @@
+"""Property checks and hypothesis strategies for your own model variants.
+
+Write a new attention, a pruning rule or an optimizer, then check in a few lines that it is still
+causal, batch-independent, pure, and differentiated the same way by ``torch.func``, autograd and
+finite differences::
+
+    from hypothesis import given
+    from gptfn.testing import models, tokens, assert_causal
+
+    @given(models(), st.data())
+    def test_my_forward_is_causal(model, data):
+        cfg, params = model
+        assert_causal(my_forward, params, data.draw(tokens(cfg)))
+
+Every check raises ``AssertionError`` with a message that names the violation. The strategies
+shrink towards the smallest config and the shortest sequence, so failures are reported small.
+This module imports hypothesis; ``import gptfn`` alone does not.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+from hypothesis import strategies as st
+from torch import Tensor
+
+from gptfn.model import GPTConfig, init
+from gptfn.tree import flatten, unstack
+
+__all__ = [
+    "configs",
+    "models",
+    "tokens",
+    "assert_causal",
+    "assert_batch_independent",
+    "assert_no_mutation",
+    "assert_grads_match",
+    "assert_vmap_matches_loop",
+    "assert_compile_matches_eager",
+]
+
+Tree = Any
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+@st.composite
+def configs(
+    draw: st.DrawFn,
+    vocab_size: tuple[int, int] = (2, 32),
+    block_size: tuple[int, int] = (1, 16),
+    n_layer: tuple[int, int] = (1, 2),
+    n_head: tuple[int, int] = (1, 4),
+    head_size: tuple[int, int] = (1, 8),
+    bias: bool | None = None,
+    tie_embeddings: bool | None = None,
+) -> GPTConfig:
+    """Valid ``GPTConfig``s; each bound is an inclusive ``(min, max)``. ``n_embd`` is
+    ``n_head * head_size``, so it always divides. ``bias``/``tie_embeddings`` None means drawn."""
+    n_head_ = draw(st.integers(*n_head))
+    return GPTConfig(
+        vocab_size=draw(st.integers(*vocab_size)),
+        block_size=draw(st.integers(*block_size)),
+        n_layer=draw(st.integers(*n_layer)),
+        n_head=n_head_,
+        n_embd=n_head_ * draw(st.integers(*head_size)),
+        bias=draw(st.booleans()) if bias is None else bias,
+        tie_embeddings=draw(st.booleans()) if tie_embeddings is None else tie_embeddings,
+    )
+
+
+@st.composite
+def models(
+    draw: st.DrawFn,
+    configs: st.SearchStrategy[GPTConfig] | None = None,
+    dtype: torch.dtype = torch.float32,
+    init_scale: float = 10.0,
+) -> tuple[GPTConfig, Tree]:
+    """``(cfg, params)`` with a drawn seed. Matrices are scaled by ``init_scale`` (default 10)
+    so that a leak between positions or rows shows far above floating-point noise."""
+    cfg = draw(configs if configs is not None else globals()["configs"]())
+    params = init(cfg, seed=draw(st.integers(0, 2**16)), dtype=dtype)
+    params = optree.tree_map(lambda x: x * init_scale if x.ndim > 1 else x, params)
+    return cfg, params
+
+
+@st.composite
+def tokens(
+    draw: st.DrawFn,
+    cfg: GPTConfig,
+    batch: tuple[int, int] = (1, 3),
+    length: tuple[int, int] | None = None,
+) -> Tensor:
+    """Integer token batches ``[batch, length]`` valid for ``cfg`` (length up to block_size)."""
+    n_rows = draw(st.integers(*batch))
+    lo, hi = length if length is not None else (1, cfg.block_size)
+    n_cols = draw(st.integers(lo, min(hi, cfg.block_size)))
+    ids = st.integers(0, cfg.vocab_size - 1)
+    rows = draw(
+        st.lists(st.lists(ids, min_size=n_cols, max_size=n_cols), min_size=n_rows, max_size=n_rows)
+    )
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _max_diff(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def _vocab(params: Tree, tokens: Tensor) -> int:
+    wte = params.get("wte") if isinstance(params, dict) else None
+    return int(wte.shape[0]) if wte is not None else int(tokens.max()) + 2
+
+
+def assert_causal(
+    fn: Callable[[Tree, Tensor], Tensor],
+    params: Tree,
+    tokens: Tensor,
+    positions: list[int] | None = None,
+    atol: float = 1e-6,
+) -> None:
+    """``fn(params, tokens) -> [batch, seq, ...]``: changing tokens at positions >= t never changes
+    outputs at positions < t, for every t (or those in ``positions``)."""
+    vocab = _vocab(params, tokens)
+    if vocab < 2:
+        return
+    base = fn(params, tokens)
+    for t in positions if positions is not None else range(1, tokens.shape[1]):
+        changed = tokens.clone()
+        changed[:, t:] = (changed[:, t:] + 1) % vocab
+        out = fn(params, changed)
+        diff = (out[:, :t].double() - base[:, :t].double()).abs()
+        if diff.numel() and float(diff.max()) > atol:
+            flat = int(diff.reshape(diff.shape[0], t, -1).amax(-1).argmax())
+            row, pos = divmod(flat, t)
+            raise AssertionError(
+                f"assert_causal: output at position {pos} (row {row}) changed by "
+                f"{float(diff.max()):.3g} when tokens at positions >= {t} changed: it sees the "
+                f"future (sequence length {tokens.shape[1]})"
+            )
+
+
+def assert_batch_independent(
+    fn: Callable[[Tree, Tensor], Tensor], params: Tree, tokens: Tensor, atol: float = 1e-6
+) -> None:
+    """Changing one row of ``tokens`` never changes another row's output."""
+    vocab = _vocab(params, tokens)
+    if tokens.shape[0] < 2 or vocab < 2:
+        return
+    base = fn(params, tokens)
+    for row in range(tokens.shape[0]):
+        changed = tokens.clone()
+        changed[row] = (changed[row] + 1) % vocab
+        out = fn(params, changed)
+        for other in range(tokens.shape[0]):
+            if other != row and _max_diff(out[other], base[other]) > atol:
+                raise AssertionError(
+                    f"assert_batch_independent: changing row {row} changed row {other} by "
+                    f"{_max_diff(out[other], base[other]):.3g} (batch of {tokens.shape[0]})"
+                )
+
+
+def assert_no_mutation(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn(*args, **kwargs)``; fail if any tensor in the arguments changed (value or an
+    in-place write). Returns ``fn``'s result."""
+    named = flatten({"args": list(args), "kwargs": kwargs}) if args or kwargs else {}
+    named = {k: v for k, v in named.items() if isinstance(v, Tensor)}
+    before = {k: (v.detach().clone(), v._version) for k, v in named.items()}
+    result = fn(*args, **kwargs)
+    for name, tensor in named.items():
+        value, version = before[name]
+        if tensor._version != version or not torch.equal(tensor.detach(), value):
+            raise AssertionError(
+                f"assert_no_mutation: {name} was modified in place (max change "
+                f"{_max_diff(tensor.detach(), value):.3g}, version {version} -> {tensor._version})"
+            )
+    return result
+
+
+def _autograd_grads(loss_fn: Callable[..., Tensor], params: Tree, *batch: Any) -> Tree:
+    leaves, spec = optree.tree_flatten(params)
+    leaves = [x.detach().clone().requires_grad_(True) for x in leaves]
+    value = loss_fn(optree.tree_unflatten(spec, leaves), *batch)
+    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return optree.tree_unflatten(
+        spec, [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    )
+
+
+def assert_grads_match(
+    loss_fn: Callable[..., Tensor],
+    params: Tree,
+    *batch: Any,
+    directions: int = 3,
+    seed: int = 0,
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+    eps: float = 1e-6,
+) -> None:
+    """``torch.func.grad`` agrees with autograd, and (in float64) with central finite
+    differences along ``directions`` random directions and along each leaf."""
+    func_grads = flatten(torch.func.grad(loss_fn)(params, *batch))
+    auto_grads = flatten(_autograd_grads(loss_fn, params, *batch))
+    for name, g in func_grads.items():
+        d = _max_diff(g, auto_grads[name])
+        if d > atol + rtol * float(auto_grads[name].abs().max()):
+            raise AssertionError(
+                f"assert_grads_match: torch.func.grad and autograd differ at {name} by {d:.3g}"
+            )
+    p64 = optree.tree_map(lambda x: x.double() if x.is_floating_point() else x, params)
+    b64 = [x.double() if isinstance(x, Tensor) and x.is_floating_point() else x for x in batch]
+    grads64 = flatten(torch.func.grad(loss_fn)(p64, *b64))
+    leaves, spec = optree.tree_flatten(p64)
+    names = list(flatten(p64))
+    gen = torch.Generator().manual_seed(seed)
+
+    def directional(vs: list[Tensor]) -> tuple[float, float]:
+        shifted = [
+            optree.tree_unflatten(spec, [x + s * eps * v for x, v in zip(leaves, vs)])
+            for s in (1, -1)
+        ]
+        fd = float(loss_fn(shifted[0], *b64) - loss_fn(shifted[1], *b64)) / (2 * eps)
+        analytic = sum(float((grads64[n] * v).sum()) for n, v in zip(names, vs))
+        return fd, analytic
+
+    probes = [
+        ("a random direction", [torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in leaves])
+        for _ in range(directions)
+    ]
+    for i, name in enumerate(names):
+        vs = [torch.zeros_like(x) for x in leaves]
+        vs[i] = torch.randn(leaves[i].shape, generator=gen, dtype=leaves[i].dtype)
+        probes.append((f"leaf {name}", vs))
+    for label, vs in probes:
+        fd, analytic = directional(vs)
+        if abs(fd - analytic) > 1e-7 + rtol * max(abs(fd), abs(analytic)):
+            raise AssertionError(
+                f"assert_grads_match: along {label} the gradient gives {analytic:.6g} but a "
+                f"float64 finite difference gives {fd:.6g} (a wrong backward?)"
+            )
+
+
+def _tree_outputs_close(a: Any, b: Any, atol: float, rtol: float, label: str) -> None:
+    la, lb = optree.tree_leaves(a), optree.tree_leaves(b)
+    if len(la) != len(lb):
+        raise AssertionError(f"{label}: outputs have different structures")
+    for i, (x, y) in enumerate(zip(la, lb)):
+        if isinstance(x, Tensor):
+            d = _max_diff(x, y)
+            if x.shape != y.shape or d > atol + rtol * float(y.abs().max() if y.numel() else 0):
+                raise AssertionError(
+                    f"{label}: output {i} differs by {d:.3g} "
+                    f"(shapes {tuple(x.shape)} vs {tuple(y.shape)})"
+                )
+
+
+def assert_vmap_matches_loop(
+    fn: Callable[..., Any],
+    stacked_params: Tree,
+    *args: Any,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+) -> None:
+    """``vmap(fn, in_dims=(0, None, ...))`` over a stacked tree equals a loop over its members."""
+    in_dims = (0, *([None] * len(args)))
+    try:
+        batched = torch.func.vmap(fn, in_dims=in_dims)(stacked_params, *args)
+    except Exception as err:
+        raise AssertionError(
+            f"assert_vmap_matches_loop: vmap failed: {type(err).__name__}: {err}"
+        ) from err
+    looped = [fn(member, *args) for member in unstack(stacked_params)]
+    stacked = optree.tree_map(lambda *xs: torch.stack(xs), *looped)
+    _tree_outputs_close(batched, stacked, atol, rtol, "assert_vmap_matches_loop")
+
+
+def assert_compile_matches_eager(
+    fn: Callable[..., Any],
+    *args: Any,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    **compile_kwargs: Any,
+) -> None:
+    """``torch.compile(fn)(*args)`` equals ``fn(*args)`` (inputs are copied for each run)."""
+    eager = fn(*copy.deepcopy(args))
+    try:
+        compiled = torch.compile(fn, **compile_kwargs)(*copy.deepcopy(args))
+    except Exception as err:
+        raise AssertionError(
+            f"assert_compile_matches_eager: torch.compile failed: {type(err).__name__}: {err}"
+        ) from err
+    _tree_outputs_close(compiled, eager, atol, rtol, "assert_compile_matches_eager")
