@@ -13,6 +13,7 @@ first real token) and an attention mask that hides its padding, so padding never
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -29,9 +30,11 @@ from gptfn.model import (
     mlp,
     unembed,
 )
+from gptfn.tree import map_with_path
 from gptfn.typing import Params
 
 __all__ = [
+    "decode_layout",
     "init_cache",
     "extend",
     "prefill",
@@ -42,6 +45,27 @@ __all__ = [
 ]
 
 Cache = dict[str, Any]
+
+
+_MATRIX_ROWS = {"w_q": 1, "w_k": 1, "w_v": 1, "w_o": 2, "w_in": 1, "w_out": 1}
+"""How many leading axes of each weight form the input side of its matrix ([d, h, k] -> d x hk)."""
+
+
+def decode_layout(params: Params) -> Params:
+    """The same tree (same shapes, same values) with each block weight stored transposed in
+    memory, [out, in]. Decoding one token then streams every weight once with ``torch.mv``,
+    which is faster for bfloat16/float16 weights on CPU; float32 keeps the default layout."""
+    if params["wte"].dtype not in (torch.bfloat16, torch.float16):
+        return params
+
+    def pack(path: str, w: Tensor) -> Tensor:
+        axes = _MATRIX_ROWS.get(path.rsplit(".", 1)[-1])
+        if axes is None:
+            return w
+        rows = math.prod(w.shape[:axes])
+        return w.reshape(rows, -1).T.contiguous().T.view(w.shape)
+
+    return map_with_path(pack, params)
 
 
 def init_cache(params: Params, batch: int, max_len: int, pad: Tensor | None = None) -> Cache:
@@ -161,6 +185,7 @@ def generate_stream(
     if longest > block_size:
         prompts = [p[-(block_size - 1) :] for p in prompts]  # sliding: keep the latest tokens
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    params = decode_layout(params)
     history = [list(p) for p in prompts]
     tokens, pad = _left_pad(history, device)
     cache = init_cache(params, len(prompts), min(block_size, tokens.shape[1] + max_new_tokens), pad)
