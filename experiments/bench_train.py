@@ -95,10 +95,12 @@ def module_step(model: ModuleGPT, opt: torch.optim.Optimizer, batch, dtype):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return loss
+    return loss.detach()
 
 
-def bench(cfg: gptfn.GPTConfig, batch_size: int, dtype: torch.dtype, steps: int) -> dict:
+def bench(
+    cfg: gptfn.GPTConfig, batch_size: int, dtype: torch.dtype, steps: int, compile: bool = False
+) -> dict:
     params = gptfn.init(cfg, seed=0)
     model = ModuleGPT(params)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -111,6 +113,8 @@ def bench(cfg: gptfn.GPTConfig, batch_size: int, dtype: torch.dtype, steps: int)
     )
     tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3, 0.9, 0.99, weight_decay=0.1))
     step = make_train_step(tx, dtype=dtype)
+    if compile:  # the whole gptfn step; the module's forward and backward (optimizer eager)
+        step, model = torch.compile(step), torch.compile(model)
     state = tx.init(params)
     g = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {"gptfn": [], "module": []}
@@ -121,7 +125,7 @@ def bench(cfg: gptfn.GPTConfig, batch_size: int, dtype: torch.dtype, steps: int)
         params, state, metrics = step(params, state, batch)
         losses["gptfn"] = float(metrics["loss"])
         t1 = time.perf_counter()
-        losses["module"] = float(module_step(model, opt, batch, dtype))
+        losses["module"] = module_step(model, opt, batch, dtype).item()
         t2 = time.perf_counter()
         if i >= 3:  # warm-up excluded
             times["gptfn"].append(t1 - t0)
@@ -140,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both (slow start)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gptfn.set_runtime_checks(False)  # the module GPT does not check either
@@ -157,7 +162,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, cfg, batch in configs:
         for dtype in (torch.float32, torch.bfloat16):
-            r = bench(cfg, batch, dtype, args.steps)
+            r = bench(cfg, batch, dtype, args.steps, args.compile)
             assert math.isfinite(r["gptfn_ms"])
             print(
                 f"| {name}, B={batch} | {str(dtype)[6:]} | {r['gptfn_ms']:.1f} "
