@@ -3,7 +3,7 @@
 Both models start from the same weights and see the same batches; the two steps alternate in one
 loop so they share the machine's noise. Prints a table of median step times and their ratio.
 
-    python experiments/bench_train.py [--steps 30] [--threads 2]
+    python experiments/bench_train.py [--steps 30] [--threads 2] [--compile]
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def main() -> None:
         ("6x384, T=256", gptfn.GPTConfig(75, 256, 6, 6, 384), 8),
     ]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps (median)"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps "
+        f"(median){', both compiled' if args.compile else ''}"
     )
     print(
         "| config | dtype | gptfn ms/step | module ms/step | gptfn/module | gptfn tok/s "
