@@ -5,11 +5,14 @@ from gptfn.checkpoint import load_run
 from gptfn.generate import generate, generate_stream
 from gptfn.interop import from_hf_gpt2, to_hf_gpt2
 from gptfn.model import GPTConfig, forward, init, loss
+from gptfn.module import GPTModule
 from gptfn.train import make_train_step
+from gptfn.transforms import per_example_grads
 from gptfn.typing import runtime_checks_enabled, set_runtime_checks
 
 __all__ = [
     "GPTConfig",
+    "GPTModule",
     "forward",
     "from_hf_gpt2",
     "generate",
@@ -17,6 +20,7 @@ __all__ = [
     "load_run",
     "make_train_step",
     "optim",
+    "per_example_grads",
     "init",
     "loss",
     "runtime_checks_enabled",

@@ -114,18 +114,16 @@ def bleu_continuations(
         for j in np.linspace(0, len(candidates) - 1, min(samples, len(candidates)))
     ]
     block_size = params["wpe"].shape[0]
-    prompts, refs, budgets = [], [], []
+    contexts, refs, budgets = [], [], []
     for i in picked:
         line = lines[i].rstrip("\n")
         half = len(line) // 2
-        context = text[max(0, offsets[i] - context_chars) : offsets[i]] + line[:half]
-        ref = line[half:]
-        ref_ids = tokenizer.encode(ref)
-        budget = min(len(ref_ids) + 4, block_size // 2)
-        prompts.append(tokenizer.encode(context)[-(block_size - budget) :])
-        refs.append(ref)
-        budgets.append(budget)
-    outputs = generate(params, prompts, max(budgets), temperature=0.0)
+        contexts.append(text[max(0, offsets[i] - context_chars) : offsets[i]] + line[:half])
+        refs.append(line[half:])
+        budgets.append(min(len(tokenizer.encode(refs[-1])) + 4, block_size // 2))
+    new_tokens = max(budgets)  # one batch: every prompt leaves room for the longest budget
+    prompts = [tokenizer.encode(c)[-(block_size - new_tokens) :] for c in contexts]
+    outputs = generate(params, prompts, new_tokens, temperature=0.0)
     hyps = [tokenizer.decode(out[:b]).split("\n")[0] for out, b in zip(outputs, budgets)]
     metric = BLEU()
     score = metric.corpus_score(hyps, [refs])

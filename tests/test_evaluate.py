@@ -76,3 +76,13 @@ def test_bits_per_char_relates_to_nll():
     assert report["bits_per_token"] == pytest.approx(1.0) and report[
         "bits_per_char"
     ] == pytest.approx(2.0)
+
+
+def test_bleu_prompts_fit_the_context_with_the_longest_budget():
+    text = "".join(
+        f"{'short' if i % 2 else 'a much longer line of held out text'} {i}\n" for i in range(12)
+    )
+    tok = CharTokenizer.train(text)
+    params = gptfn.init(gptfn.GPTConfig(tok.vocab_size, 24, 1, 1, 8), seed=0)
+    report = bleu_continuations(params, tok, text, samples=6, context_chars=200)
+    assert report["bleu_samples"] == 6 and 0.0 <= report["bleu"] <= 100.0

@@ -3,6 +3,8 @@
 from gptfn.optim.aliases import adamw, hidden_matrices, lion, matrices, muon, sgd
 from gptfn.optim.base import GradientTransformation, Schedule, apply_updates, leaf_ops, set_foreach
 from gptfn.optim.combine import chain, masked
+from gptfn.optim.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
+from gptfn.optim.privacy import differentially_private_aggregate, per_example_global_norms
 from gptfn.optim.schedules import constant_schedule, warmup_cosine_decay_schedule
 from gptfn.optim.transforms import (
     add_decayed_weights,
@@ -19,6 +21,11 @@ from gptfn.optim.transforms import (
 )
 
 __all__ = [
+    "InjectHyperparamsState",
+    "differentially_private_aggregate",
+    "inject_hyperparams",
+    "per_example_global_norms",
+    "set_hyperparams",
     "GradientTransformation",
     "Schedule",
     "add_decayed_weights",

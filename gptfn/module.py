@@ -1,0 +1,61 @@
+"""The bridge to the module world: an ``nn.Module`` whose parameters are the tree's leaves.
+
+``GPTModule(params)`` registers every leaf under its dotted path (``state_dict()`` keys are
+exactly ``gptfn.tree.flatten(params)``'s), sharing storage with the tree, and its ``forward``
+calls the pure ``gptfn.forward``. Code that expects a module — ``torch.optim``,
+``torch.compile(module)``, DDP, ``torch.func.functional_call`` — then uses gptfn without a second
+model definition.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch.nn as nn
+from torch import Tensor
+
+from gptfn.model import forward
+from gptfn.tree import flatten, unflatten
+from gptfn.typing import Params
+
+__all__ = ["GPTModule"]
+
+
+class GPTModule(nn.Module):
+    """An ``nn.Module`` view of a gptfn parameter tree."""
+
+    def __init__(self, params: Params) -> None:
+        super().__init__()
+        self._paths = list(flatten(params))
+        _fill(self, params)
+
+    def to_params(self) -> Params:
+        """The tree of the module's current parameters (the same tensors, not copies); under
+        ``functional_call`` the substituted ones."""
+        return unflatten({p: functools.reduce(getattr, p.split("."), self) for p in self._paths})
+
+    def forward(self, tokens: Tensor, **kwargs: Any) -> Tensor:
+        """``gptfn.forward(self.to_params(), tokens, **kwargs)``."""
+        return forward(self.to_params(), tokens, **kwargs)
+
+
+def _fill(module: nn.Module, tree: dict[str, Any]) -> None:
+    """Register a dict's tensors as parameters and its subtrees as submodules (lists of subtrees
+    as ``nn.ModuleList``, so ``module.blocks[1]`` works and paths stay ``blocks.1.*``)."""
+    for key, value in tree.items():
+        if isinstance(value, Tensor):
+            trainable = value.is_floating_point()
+            module.register_parameter(key, nn.Parameter(value, requires_grad=trainable))
+        elif isinstance(value, list):
+            module.add_module(key, nn.ModuleList(_filled(item) for item in value))
+        else:
+            module.add_module(key, _filled(value))
+
+
+def _filled(tree: dict[str, Any]) -> nn.Module:
+    if not isinstance(tree, dict):
+        raise TypeError(f"GPTModule expects dicts and lists of dicts, found {type(tree).__name__}")
+    module = nn.Module()
+    _fill(module, tree)
+    return module

@@ -1,0 +1,98 @@
+"""``inject_hyperparams``: hyper-parameters as tensors in the optimizer state (as optax does).
+
+Once in the state, a learning rate or weight decay can be changed between steps
+(``set_hyperparams``), given a member axis and batched under ``vmap`` (an ensemble where each
+member has its own learning rate), or differentiated (meta-gradients through the update).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+
+from gptfn.optim.base import GradientTransformation
+
+__all__ = ["InjectHyperparamsState", "inject_hyperparams", "set_hyperparams"]
+
+Tree = Any
+
+
+class InjectHyperparamsState(NamedTuple):
+    """``count`` of updates, the current ``hyperparams`` (0-d tensors, or [members] under an
+    ensemble) and the wrapped optimizer's ``inner_state``."""
+
+    count: Tensor
+    hyperparams: dict[str, Tensor]
+    inner_state: Tree
+
+
+def _is_numeric(value: Any) -> bool:
+    return isinstance(value, (int, float, Tensor)) and not isinstance(value, bool)
+
+
+def inject_hyperparams(
+    factory: Callable[..., GradientTransformation],
+) -> Callable[..., GradientTransformation]:
+    """Wrap an optimizer factory (``gptfn.optim.adamw``, ...) so that its numeric keyword
+    arguments live in the state as tensors. Schedules (callables of the step count) are
+    evaluated each update and their current value recorded; other arguments (masks, flags) are
+    passed through unchanged.
+
+        tx = inject_hyperparams(adamw)(learning_rate=1e-3, weight_decay=0.1)
+        state = tx.init(params); state.hyperparams["learning_rate"]  # tensor(0.0010)
+    """
+
+    def make(**hyperparams: Any) -> GradientTransformation:
+        numeric = {k: v for k, v in hyperparams.items() if _is_numeric(v)}
+        schedules = {k: v for k, v in hyperparams.items() if callable(v)}
+        static = {k: v for k, v in hyperparams.items() if k not in numeric and k not in schedules}
+
+        def current(values: dict[str, Tensor], count: Tensor) -> dict[str, Tensor]:
+            return {**values, **{k: fn(count) for k, fn in schedules.items()}}
+
+        def init(params: Tree) -> InjectHyperparamsState:
+            count = torch.zeros((), dtype=torch.int64)
+            floats = [x for x in optree.tree_leaves(params) if x.is_floating_point()]
+            dtype = floats[0].dtype if floats else torch.float32  # float64 params: float64 lr
+            values = current(
+                {k: torch.as_tensor(v, dtype=dtype) for k, v in numeric.items()}, count
+            )
+            return InjectHyperparamsState(count, values, factory(**static, **values).init(params))
+
+        def update(updates: Tree, state: InjectHyperparamsState, params: Tree | None = None):
+            values = current(state.hyperparams, state.count)
+            updates, inner = factory(**static, **values).update(updates, state.inner_state, params)
+            return updates, InjectHyperparamsState(state.count + 1, values, inner)
+
+        return GradientTransformation(init, update)
+
+    return make
+
+
+def set_hyperparams(
+    state: InjectHyperparamsState, **values: float | Tensor
+) -> InjectHyperparamsState:
+    """A new state with some hyper-parameters replaced: numbers or 0-d tensors, or tensors with
+    a leading member axis for a state stacked over an ensemble."""
+    if not isinstance(state, InjectHyperparamsState):
+        raise TypeError(
+            "set_hyperparams needs the state of an inject_hyperparams(...) optimizer, "
+            f"got {type(state).__name__}"
+        )
+    unknown = sorted(set(values) - set(state.hyperparams))
+    if unknown:
+        raise KeyError(
+            f"unknown hyper-parameters {unknown}; this state has {sorted(state.hyperparams)}"
+        )
+    new = dict(state.hyperparams)
+    for name, value in values.items():
+        old = state.hyperparams[name]
+        if isinstance(value, Tensor) and value.is_floating_point():
+            new[name] = value.to(old.device)  # keep its dtype and its autograd history
+        else:
+            new[name] = torch.as_tensor(value, dtype=old.dtype, device=old.device)
+    return state._replace(hyperparams=new)
