@@ -22,9 +22,10 @@ from gptfn.data import CharTokenizer, random_batch, shakespeare
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--init-lr", type=float, default=1e-4)
     parser.add_argument("--unroll", type=int, default=3)
-    parser.add_argument("--meta-lr", type=float, default=0.05)
+    parser.add_argument("--meta-lr", type=float, default=10.0)
     parser.add_argument("--out", default="docs/figures/hypergradient.png")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -33,10 +34,10 @@ def main() -> None:
     tok = CharTokenizer.train(text)
     ids = np.asarray(tok.encode(text), dtype=np.int64)
     params = gptfn.init(gptfn.GPTConfig(tok.vocab_size, 32, 2, 4, 32), seed=0)
-    tx = optim.inject_hyperparams(optim.adamw)(learning_rate=1e-3, weight_decay=0.0)
+    tx = optim.inject_hyperparams(optim.adamw)(learning_rate=args.init_lr, weight_decay=0.0)
     step = gptfn.make_train_step(tx)
     state = tx.init(params)
-    log_lr = torch.tensor(float(np.log(1e-3)))
+    log_lr = torch.tensor(float(np.log(args.init_lr)))
     history = []
     for r in range(args.rounds):
         batches = [
@@ -51,7 +52,7 @@ def main() -> None:
             return gptfn.loss(params, *held_out)
 
         meta = torch.func.grad(loss_after_unroll)(log_lr)
-        log_lr = log_lr - args.meta_lr * meta.sign() * meta.abs().clamp(max=1.0)
+        log_lr = log_lr - (args.meta_lr * meta).clamp(-0.3, 0.3)  # at most x1.35 a round
         state = optim.set_hyperparams(state, learning_rate=log_lr.exp())
         for batch in batches:  # the real steps, with the updated learning rate
             params, state, metrics = step(params, state, batch)

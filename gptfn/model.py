@@ -18,6 +18,7 @@ With ``bias=False`` every ``b_*`` and every layer-norm ``bias`` is absent, which
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -47,6 +48,13 @@ __all__ = [
 ]
 
 AttentionImpl = Literal["fast", "reference"]
+Hook = Callable[[str, Tensor], Tensor]
+"""``hook(name, activation) -> activation``: sees (and may replace) each named activation; the
+names are listed in ``gptfn.inspect``. Used by ``run_with_cache`` / ``run_with_patches``."""
+
+
+def _tap(hook: Hook | None, name: str, x: Tensor) -> Tensor:
+    return x if hook is None else hook(name, x)
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,8 @@ def attend(
     *,
     impl: AttentionImpl = "fast",
     mask: Tensor | None = None,
+    hook: Hook | None = None,
+    prefix: str = "",
 ) -> Float[Tensor, "batch q_seq head d_head"]:
     """Softmax attention scaled by 1/sqrt(d_head), per head: ``z`` before the output projection.
 
@@ -216,11 +226,12 @@ def attend(
     Otherwise ``mask`` is boolean, broadcastable to [batch head q_seq k_seq], True = may attend.
     ``impl="fast"`` calls ``F.scaled_dot_product_attention``; ``"reference"`` spells the same
     function out with an explicit mask. Under nested torch.func transforms (grad of grad,
-    jvp, vmap) the fast path runs SDPA's math backend (see ``_needs_math_sdpa``).
+    jvp, vmap) the fast path runs SDPA's math backend (see ``_needs_math_sdpa``). ``hook`` sees
+    ``{prefix}scores`` and ``{prefix}pattern`` on the reference path only.
     """
     q, k, v = (rearrange(t, "b s h k -> b h s k") for t in (q, k, v))
     if impl == "reference":
-        z = _reference_attention(q, k, v, mask)
+        z = _reference_attention(q, k, v, mask, hook, prefix)
     elif impl == "fast":
         z = _sdpa(q, k, v, mask)
     else:
@@ -245,12 +256,14 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def _reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+def _reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, hook: Hook | None = None, prefix: str = ""
+) -> Tensor:
     scores = torch.einsum("bhqk,bhsk->bhqs", q, k) / math.sqrt(q.shape[-1])
     if mask is None:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~mask, float("-inf"))
-    pattern = scores.softmax(dim=-1)
+    scores = _tap(hook, prefix + "scores", scores.masked_fill(~mask, float("-inf")))
+    pattern = _tap(hook, prefix + "pattern", scores.softmax(dim=-1))
     return torch.einsum("bhqs,bhsk->bhqk", pattern, v)
 
 
@@ -263,10 +276,13 @@ def attention_out(
     )
 
 
-def mlp(p: Params, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
+def mlp(
+    p: Params, x: Float[Tensor, "batch seq d_model"], hook: Hook | None = None, prefix: str = ""
+) -> Float[Tensor, "batch seq d_model"]:
     """Two-layer feed-forward with tanh-approximated GELU (as GPT-2)."""
-    hidden = F.gelu(_dense(x, p["w_in"], p.get("b_in")), approximate="tanh")
-    return _dense(hidden, p["w_out"], p.get("b_out"))
+    pre = _tap(hook, prefix + "pre", _dense(x, p["w_in"], p.get("b_in")))
+    post = _tap(hook, prefix + "post", F.gelu(pre, approximate="tanh"))
+    return _tap(hook, prefix + "out", _dense(post, p["w_out"], p.get("b_out")))
 
 
 def _dropout(x: Tensor, rate: float, generator: torch.Generator | None) -> Tensor:
@@ -284,16 +300,30 @@ def block(
     attention: AttentionImpl = "fast",
     dropout: float = 0.0,
     generator: torch.Generator | None = None,
+    hook: Hook | None = None,
+    prefix: str = "",
 ) -> Float[Tensor, "batch seq d_model"]:
-    """Pre-LayerNorm residual block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
-    z = attend(*attention_qkv(p["attn"], layer_norm(p["ln_1"], x)), impl=attention)
-    x = x + _dropout(attention_out(p["attn"], z), dropout, generator)
-    return x + _dropout(mlp(p["mlp"], layer_norm(p["ln_2"], x)), dropout, generator)
+    """Pre-LayerNorm residual block: x + attn(ln_1(x)), then + mlp(ln_2(x)). ``hook`` sees the
+    block's activations under ``prefix`` (``blocks.{i}.``)."""
+    x = _tap(hook, prefix + "resid_pre", x)
+    q, k, v = attention_qkv(p["attn"], layer_norm(p["ln_1"], x))
+    if hook is not None:
+        q, k, v = (hook(f"{prefix}attn.{n}", t) for n, t in zip("qkv", (q, k, v)))
+    z = _tap(
+        hook, prefix + "attn.z", attend(q, k, v, impl=attention, hook=hook, prefix=prefix + "attn.")
+    )
+    attn_out = _tap(hook, prefix + "attn.out", attention_out(p["attn"], z))
+    x = _tap(hook, prefix + "resid_mid", x + _dropout(attn_out, dropout, generator))
+    mlp_out = mlp(p["mlp"], layer_norm(p["ln_2"], x), hook, prefix + "mlp.")
+    return _tap(hook, prefix + "resid_post", x + _dropout(mlp_out, dropout, generator))
 
 
-def unembed(params: Params, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
+def unembed(
+    params: Params, x: Float[Tensor, "*batch d_model"], hook: Hook | None = None
+) -> Float[Tensor, "*batch vocab"]:
     """Final layer norm, then logits through the (tied unless ``unembed`` exists) embedding."""
-    return _linear(layer_norm(params["ln_f"], x), params.get("unembed", params["wte"]), None)
+    normed = _tap(hook, "ln_f.out", layer_norm(params["ln_f"], x))
+    return _linear(normed, params.get("unembed", params["wte"]), None)
 
 
 # ----------------------------------------------------------------------------- model
@@ -330,6 +360,7 @@ def forward(
     dropout: float = 0.0,
     generator: torch.Generator | None = None,
     remat: bool = False,
+    hook: Hook | None = None,
 ) -> Float[Tensor, "batch seq vocab"]:
     """Logits for every position of ``tokens``; pure in ``params``.
 
@@ -337,21 +368,41 @@ def forward(
     ``dropout`` > 0 applies inverted dropout to the embeddings and each residual branch, drawing
     from ``generator`` (an explicit ``torch.Generator``) or the global RNG. ``remat=True``
     recomputes each block's activations in the backward pass instead of storing them.
+    ``hook(name, activation)`` sees and may replace every named activation (``gptfn.inspect``).
     """
     check_tokens(params, tokens)
     positions = torch.arange(tokens.shape[1], device=tokens.device)
-    x = _dropout(embed(params, tokens, positions), dropout, generator)
+    if hook is None:
+        x = embed(params, tokens, positions)
+    else:
+        x = hook("embed", F.embedding(tokens, params["wte"]))
+        x = x + hook("pos_embed", F.embedding(positions, params["wpe"]).expand_as(x))
+    x = _dropout(x, dropout, generator)
 
-    def run_block(p: Params, x: Tensor) -> Tensor:
-        return block(p, x, attention=attention, dropout=dropout, generator=generator)
+    def run_block(p: Params, x: Tensor, i: int) -> Tensor:
+        return block(
+            p,
+            x,
+            attention=attention,
+            dropout=dropout,
+            generator=generator,
+            hook=hook,
+            prefix=f"blocks.{i}.",
+        )
 
     if remat:
         if generator is not None and dropout > 0:
             raise ValueError("remat replays dropout from the global RNG: pass generator=None")
-        run_block = checkpoint_block(run_block)
-    for p in params["blocks"]:
-        x = run_block(p, x)
-    return unembed(params, x)
+        if hook is not None:
+            raise ValueError("remat does not combine with hooks (activation capture/patching)")
+        plain = run_block
+
+        def run_block(p: Params, x: Tensor, i: int) -> Tensor:
+            return checkpoint_block(lambda p, x: plain(p, x, i))(p, x)
+
+    for i, p in enumerate(params["blocks"]):
+        x = run_block(p, x, i)
+    return unembed(params, x, hook)
 
 
 @checked
