@@ -20,7 +20,7 @@ from gptfn.data.tokenizers import Tokenizer, tokenizer_from_json
 from gptfn.files import atomic_write
 from gptfn.tree import flatten, unflatten
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_run", "checkpoint_path"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_run", "checkpoint_path", "flat_state"]
 
 Tree = Any
 
@@ -30,12 +30,26 @@ def _opt_paths(state: Tree) -> tuple[list[str], list[torch.Tensor], Any]:
     return [".".join(map(str, p)) for p in paths], leaves, spec
 
 
-def save_checkpoint(path: str | Path, params: Tree, opt_state: Tree | None, meta: dict) -> None:
-    """Atomically write ``params``, ``opt_state`` and ``meta`` to ``path`` (.safetensors)."""
+def flat_state(opt_state: Tree) -> dict[str, torch.Tensor]:
+    """``{dotted path: tensor}`` of an optimizer state (the checkpoint's ``opt.*`` names)."""
+    names, leaves, _ = _opt_paths(opt_state)
+    return dict(zip(names, leaves))
+
+
+def save_checkpoint(
+    path: str | Path,
+    params: Tree,
+    opt_state: Tree | None,
+    meta: dict,
+    flat_opt: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Atomically write ``params``, ``opt_state`` and ``meta`` to ``path`` (.safetensors).
+    ``flat_opt`` (from :func:`flat_state`, possibly merged over ranks) replaces ``opt_state``."""
     tensors = {f"params.{k}": v.detach().contiguous().cpu() for k, v in flatten(params).items()}
-    if opt_state is not None:
-        names, leaves, _ = _opt_paths(opt_state)
-        tensors |= {f"opt.{n}": v.detach().contiguous().cpu() for n, v in zip(names, leaves)}
+    if flat_opt is None and opt_state is not None:
+        flat_opt = flat_state(opt_state)
+    if flat_opt is not None:
+        tensors |= {f"opt.{n}": v.detach().contiguous().cpu() for n, v in flat_opt.items()}
     metadata = {"gptfn": json.dumps(meta)}
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -54,12 +68,16 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_checkpoint(
-    path: str | Path, opt_template: Tree | None = None, device: torch.device | str = "cpu"
+    path: str | Path,
+    opt_template: Tree | None = None,
+    device: torch.device | str = "cpu",
+    partial: bool = False,
 ) -> tuple[Tree, Tree | None, dict]:
     """Read a checkpoint: ``(params, opt_state, meta)``.
 
     ``opt_template`` (e.g. ``tx.init(params)``) gives the optimizer state its structure; without
-    it ``opt_state`` is None. A template that does not match the saved state is an error.
+    it ``opt_state`` is None. A template that does not match the saved state is an error, except
+    that with ``partial`` the saved state may hold more (a rank's shard of a full state).
     """
     tensors, meta = _read(Path(path))
     params = unflatten({k[7:]: v.to(device) for k, v in tensors.items() if k.startswith("params.")})
@@ -67,7 +85,7 @@ def load_checkpoint(
     if opt_template is not None:
         names, leaves, spec = _opt_paths(opt_template)
         saved = {k[4:] for k in tensors if k.startswith("opt.")}
-        if saved != set(names):
+        if not set(names) <= saved or (not partial and saved != set(names)):
             missing, extra = sorted(set(names) - saved)[:3], sorted(saved - set(names))[:3]
             raise ValueError(
                 f"optimizer state in {path} does not match this optimizer "

@@ -19,6 +19,16 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name == "extra":
             continue
+        if f.name == "resume":
+            parser.add_argument(
+                "--resume",
+                nargs="?",
+                const=True,
+                default=argparse.SUPPRESS,
+                type=lambda v: {"auto": True, "no": False}[v],
+                help="[auto]: continue from RUN_DIR/last.safetensors if it exists",
+            )
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         if isinstance(default, bool):
@@ -72,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         if k not in ("command", "func", "config", "sample_tokens")
     }
     summary = train(TrainConfig.from_dict(values))
+    if summary["rank"] != 0:
+        return  # under torchrun only rank 0 reports
     last = summary["last"]
     print(
         f"done: {summary['steps']} steps in {summary['seconds']:.0f}s, "

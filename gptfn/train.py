@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 import gptfn.optim as optim
-from gptfn.checkpoint import load_checkpoint, save_checkpoint
+from gptfn.checkpoint import flat_state, load_checkpoint, save_checkpoint
 from gptfn.data import (
     Prefetcher,
     load_meta,
@@ -31,6 +31,16 @@ from gptfn.data import (
     prepare,
     random_batch,
     sequential_batches,
+)
+from gptfn.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    assign_owners,
+    broadcast_from_owners,
+    gather_to_main,
+    mean_scalar,
+    setup,
+    teardown,
 )
 from gptfn.model import GPTConfig, init, loss
 from gptfn.tree import global_norm, param_count
@@ -91,6 +101,7 @@ def make_train_step(
     *,
     accum_steps: int = 1,
     dtype: torch.dtype | str | None = None,
+    reduce_grads: Callable[[Tree], Tree] | None = None,
     **loss_kwargs: Any,
 ) -> Callable[[Tree, Tree, tuple[Tensor, Tensor]], tuple[Tree, Tree, dict[str, Tensor]]]:
     """A pure step ``(params, opt_state, (tokens, targets)) -> (params, opt_state, metrics)``.
@@ -98,7 +109,9 @@ def make_train_step(
     ``accum_steps`` splits the batch into that many equal micro-batches and averages their
     gradients (the same update as the whole batch at once, in less memory). ``dtype`` bfloat16
     or float16 runs the loss under autocast (params stay float32); float16 needs ``tx`` wrapped
-    in :func:`loss_scaling`. ``loss_kwargs`` go to ``loss_fn`` (``dropout=``, ``remat=`` ...).
+    in :func:`loss_scaling`. ``reduce_grads`` maps the averaged gradients before the update
+    (data parallelism passes ``gptfn.distributed.all_reduce_mean``). ``loss_kwargs`` go to
+    ``loss_fn`` (``dropout=``, ``remat=`` ...).
     ``metrics`` holds 0-d tensors: ``loss`` and ``grad_norm`` (before any clipping).
     """
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -144,6 +157,8 @@ def make_train_step(
         if accum_steps > 1 or scale is not None:
             inv = 1.0 / accum_steps if scale is None else 1.0 / (accum_steps * scale)
             grads = optree.tree_map(lambda g: g * inv, grads)
+        if reduce_grads is not None:
+            grads = reduce_grads(grads)
         grad_norm = optim.leaf_ops().norm(optree.tree_leaves(grads))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates)
@@ -188,6 +203,9 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False
     device: str = "cpu"
+    backend: str = "auto"
+    dist_timeout: float = 300.0
+    shard_optimizer: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -210,8 +228,14 @@ def lr_schedule(cfg: TrainConfig, peak: float | None = None) -> optim.Schedule:
     )
 
 
-def make_optimizer(cfg: TrainConfig) -> optim.GradientTransformation:
-    """Clipping, then the chosen optimizer on the warm-up + cosine schedule."""
+def make_optimizer(
+    cfg: TrainConfig, owned: Callable[[str, Tensor], bool] | None = None
+) -> optim.GradientTransformation:
+    """Clipping (on the whole gradient), then the chosen optimizer on the warm-up + cosine
+    schedule, applied to the leaves ``owned`` selects (default all; ZeRO-1 gives each rank its
+    share) and zero updates elsewhere. The optimizer always sees a flat ``{path: leaf}`` dict,
+    so its state is keyed by parameter path and a checkpoint's state is the same whatever the
+    world size or sharding."""
     schedule = lr_schedule(cfg)
     if cfg.optimizer == "adamw":
         tx = optim.adamw(schedule, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay)
@@ -225,6 +249,11 @@ def make_optimizer(cfg: TrainConfig) -> optim.GradientTransformation:
         )
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}: choose adamw, sgd, lion or muon")
+    mine = owned if owned is not None else (lambda path, leaf: True)
+    tx = optim.chain(
+        optim.masked(tx, mine),
+        optim.masked(optim.set_to_zero(), lambda path, leaf: not mine(path, leaf)),
+    )
     if cfg.grad_clip > 0:
         tx = optim.chain(optim.clip_by_global_norm(cfg.grad_clip), tx)
     return loss_scaling(tx) if cfg.dtype == "float16" else tx
@@ -282,10 +311,26 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict], None]] = ()) -> dic
 
     Writes ``last.safetensors`` every ``eval_interval`` steps and at the end, ``best.safetensors``
     whenever validation improves, and ``log.jsonl``. ``callbacks`` get each log record.
+    Under ``torchrun`` each of the N ranks computes its slice of the same global batch
+    (``batch_size * grad_accum * N`` rows, drawn from (seed, step) alone) and gradients are
+    averaged; rank 0 alone prints, logs and writes checkpoints.
     """
+    env = setup(cfg.device, cfg.backend, cfg.dist_timeout)
+    try:
+        return _train(cfg, env, callbacks)
+    finally:
+        teardown()
+
+
+def _train(cfg: TrainConfig, env: DistEnv, callbacks: list[Callable[[dict], None]]) -> dict:
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
+    device = env.device
+    if env.is_main:
+        _data_dir(cfg)  # rank 0 prepares the built-in corpus once, the others wait
+    if env.world_size > 1:
+        torch.distributed.barrier()
     data_dir = _data_dir(cfg)
     meta = load_meta(data_dir)
     tokenizer = load_tokenizer(data_dir / "tokenizer.json")
@@ -296,39 +341,65 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict], None]] = ()) -> dic
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    tx = make_optimizer(cfg)
-    params = init(model_cfg, seed=cfg.seed, device=cfg.device)
+    params = init(model_cfg, seed=cfg.seed, device=device)
+    sharded = cfg.shard_optimizer and env.world_size > 1
+    owners = assign_owners(params, env.world_size) if sharded else None
+    tx = make_optimizer(cfg, (lambda path, leaf: owners[path] == env.rank) if sharded else None)
     opt_state = tx.init(params)
+    state_bytes = [sum(x.numel() * x.element_size() for x in optree.tree_leaves(opt_state))]
+    if env.world_size > 1:
+        state_bytes = [0] * env.world_size
+        torch.distributed.all_gather_object(
+            state_bytes, sum(x.numel() * x.element_size() for x in optree.tree_leaves(opt_state))
+        )
+    if env.is_main and env.world_size > 1:
+        print(
+            "optimizer state per rank (MiB): "
+            + ", ".join(f"{b / 2**20:.2f}" for b in state_bytes)
+            + (" (sharded)" if sharded else " (replicated)"),
+            flush=True,
+        )
     start, best_val = 0, math.inf
     last = run_dir / "last.safetensors"
     if cfg.resume and last.is_file():
-        params, opt_state, saved = load_checkpoint(last, opt_state, cfg.device)
+        params, opt_state, saved = load_checkpoint(last, opt_state, device, partial=sharded)
         if saved["model"] != model_cfg.to_dict():
             raise ValueError(
                 f"cannot resume: {last} holds model {saved['model']}, "
                 f"this run asks for {model_cfg.to_dict()}"
             )
         start, best_val = saved["step"], saved.get("best_val_loss", math.inf)
-        print(f"resuming from {last} at step {start}", flush=True)
+        if env.is_main:
+            print(f"resuming from {last} at step {start}", flush=True)
 
     step_fn = make_train_step(
-        tx, accum_steps=cfg.grad_accum, dtype=cfg.dtype, dropout=cfg.dropout, remat=cfg.remat
+        tx,
+        accum_steps=cfg.grad_accum,
+        dtype=cfg.dtype,
+        reduce_grads=all_reduce_mean if env.world_size > 1 else None,
+        dropout=cfg.dropout,
+        remat=cfg.remat,
     )
     if cfg.compile:
         step_fn = torch.compile(step_fn)
     schedule = lr_schedule(cfg)
-    rows = cfg.batch_size * cfg.grad_accum
-    batches = Prefetcher(
-        lambda s: random_batch(train_data, rows, cfg.block_size, cfg.seed, s, cfg.device),
-        start,
-        cfg.max_steps,
-    )
+    rows = cfg.batch_size * cfg.grad_accum  # per rank
+    mine = slice(env.rank * rows, (env.rank + 1) * rows)
+
+    def my_slice(step: int) -> tuple[Tensor, Tensor]:
+        x, y = random_batch(train_data, rows * env.world_size, cfg.block_size, cfg.seed, step)
+        return x[mine].to(device), y[mine].to(device)
+
+    batches = Prefetcher(my_slice, start, cfg.max_steps)
 
     def checkpoint(path: Path, step: int) -> None:
+        full_state = gather_to_main(flat_state(opt_state)) if sharded else flat_state(opt_state)
+        if not env.is_main:
+            return
         save_checkpoint(
             path,
             params,
-            opt_state,
+            None,
             {
                 "step": step,
                 "model": model_cfg.to_dict(),
@@ -337,25 +408,34 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict], None]] = ()) -> dic
                 "best_val_loss": best_val,
                 "data_dir": str(data_dir.resolve()),
             },
+            flat_opt=full_state,
         )
 
-    log = (run_dir / "log.jsonl").open("a")
-    bar = tqdm(total=cfg.max_steps, initial=start, disable=not cfg.progress, dynamic_ncols=True)
+    log = (run_dir / "log.jsonl").open("a") if env.is_main else None
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=start,
+        disable=not (cfg.progress and env.is_main),
+        dynamic_ncols=True,
+    )
     t_start = t_last = time.perf_counter()
     tokens_since, record = 0, {}
     try:
         for step, batch in batches:
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step
+            # dropout: a function of (seed, step, rank)
+            torch.manual_seed((cfg.seed * 1_000_003 + step) * 1024 + env.rank)
             new_params, new_state, metrics = step_fn(params, opt_state, batch)
-            train_loss = float(metrics["loss"])
+            train_loss = mean_scalar(float(metrics["loss"]))
             if not math.isfinite(train_loss) and cfg.dtype != "float16":
                 raise FloatingPointError(
                     f"non-finite loss ({train_loss}) at step {step + 1}; stopping. The last good "
                     f"checkpoint is kept at {last if last.is_file() else '(none yet)'}"
                 )
             params, opt_state = new_params, new_state
+            if sharded:  # each rank updated its own leaves: share them
+                params = broadcast_from_owners(params, owners)
             done = step + 1
-            tokens_since += rows * cfg.block_size
+            tokens_since += rows * env.world_size * cfg.block_size
             bar.update(1)
             is_eval = done % cfg.eval_interval == 0 or done == cfg.max_steps
             if done % cfg.log_interval == 0 or is_eval:
@@ -381,14 +461,17 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict], None]] = ()) -> dic
                     tok_s=f"{record['tokens_per_s']:.0f}",
                     lr=f"{record['lr']:.2e}",
                 )
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                for callback in callbacks:
-                    callback(record)
+                if env.is_main:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    for callback in callbacks:
+                        callback(record)
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
     return {
+        "rank": env.rank,
         "run_dir": str(run_dir),
         "steps": cfg.max_steps,
         "best_val_loss": best_val,

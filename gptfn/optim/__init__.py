@@ -17,6 +17,7 @@ from gptfn.optim.transforms import (
     scale_by_lion,
     scale_by_muon,
     scale_by_schedule,
+    set_to_zero,
     trace,
 )
 
@@ -26,6 +27,7 @@ __all__ = [
     "inject_hyperparams",
     "per_example_global_norms",
     "set_hyperparams",
+    "set_to_zero",
     "GradientTransformation",
     "Schedule",
     "add_decayed_weights",

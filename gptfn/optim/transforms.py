@@ -17,6 +17,7 @@ from gptfn.optim.base import GradientTransformation, Scalar, Schedule, leaf_ops
 
 __all__ = [
     "identity",
+    "set_to_zero",
     "scale",
     "scale_by_schedule",
     "scale_by_learning_rate",
@@ -52,6 +53,15 @@ def _map_leaves(fn: Any, tree: Tree, *rest: Tree) -> Tree:
 def identity() -> GradientTransformation:
     """Leave updates unchanged."""
     return GradientTransformation(lambda params: {}, lambda u, s, p=None: (u, s))
+
+
+def set_to_zero() -> GradientTransformation:
+    """Replace updates by zeros (with ``masked``: freeze those leaves)."""
+
+    def update(updates: Tree, state: Tree, params: Tree | None = None) -> tuple[Tree, Tree]:
+        return optree.tree_map(torch.zeros_like, updates), state
+
+    return GradientTransformation(lambda params: {}, update)
 
 
 def scale(step_size: Scalar) -> GradientTransformation:
