@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optree
@@ -19,31 +20,20 @@ import pytest
 import gptfn
 from gptfn.data import prepare, shakespeare
 
-ARGS = [
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "32",
-    "--block-size",
-    "32",
-    "--batch-size",
-    "4",
-    "--max-steps",
-    "6",
-    "--eval-interval",
-    "3",
-    "--eval-steps",
-    "2",
-    "--log-interval",
-    "1",
-    "--no-progress",
-    "--sample-tokens",
-    "0",
-    "--dist-timeout",
-    "60",
-]
+SMALL = {
+    "--n-layer": "1",
+    "--n-head": "2",
+    "--n-embd": "32",
+    "--block-size": "32",
+    "--batch-size": "4",
+    "--max-steps": "6",
+    "--eval-interval": "3",
+    "--eval-steps": "2",
+    "--log-interval": "1",
+    "--sample-tokens": "0",
+    "--dist-timeout": "60",
+}
+LONG = {**SMALL, "--max-steps": "200", "--eval-interval": "20", "--log-interval": "10"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
@@ -53,6 +43,22 @@ def data_dir(tmp_path_factory):
     (root / "plays.txt").write_text(shakespeare()[:30_000])
     prepare(root / "plays.txt", root / "char", "char")
     return root / "char"
+
+
+def _train_args(data_dir: Path, out: Path, options: dict[str, str], *extra: str) -> list[str]:
+    flat = [x for kv in options.items() for x in kv]
+    return [
+        "-m",
+        "gptfn",
+        "train",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--no-progress",
+        *flat,
+        *extra,
+    ]
 
 
 def _start(cmd: list[str], cwd: Path) -> subprocess.Popen:
@@ -83,10 +89,26 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 180) -> list[str]:
     return outputs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _single(data_dir: Path, out: Path, options: dict[str, str], *extra: str) -> subprocess.Popen:
+    return _start([sys.executable, *_train_args(data_dir, out, options, *extra)], out.parent)
+
+
+def _ranks(
+    data_dir: Path,
+    out: Path,
+    options: dict[str, str],
+    *extra: str,
+    launcher: tuple[str, ...] = ("--standalone", "--nproc-per-node", "2"),
+) -> subprocess.Popen:
+    return _start([*TORCHRUN, *launcher, *_train_args(data_dir, out, options, *extra)], out.parent)
+
+
+def _params_close(a: Path, b: Path, tol: float) -> None:
+    pa, pb = gptfn.load_run(a)[0], gptfn.load_run(b)[0]
+    diff = max(
+        float((x - y).abs().max()) for x, y in zip(optree.tree_leaves(pa), optree.tree_leaves(pb))
+    )
+    assert diff < tol, f"final params differ by {diff}"
 
 
 def _losses(run: Path) -> list[float]:
@@ -97,111 +119,52 @@ def _assert_same_run(a: Path, b: Path) -> None:
     la, lb = _losses(a), _losses(b)
     assert len(la) == len(lb) == 6
     assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
-    pa, pb = gptfn.load_run(a)[0], gptfn.load_run(b)[0]
-    diff = max(
-        float((x - y).abs().max()) for x, y in zip(optree.tree_leaves(pa), optree.tree_leaves(pb))
-    )
-    assert diff < 1e-5
+    _params_close(a, b, 1e-5)
 
 
 def test_two_ranks_equal_one_rank_with_accumulation(data_dir, tmp_path):
-    one = _start(
-        [
-            sys.executable,
-            "-m",
-            "gptfn",
-            "train",
-            "--data",
-            str(data_dir),
-            "--out",
-            str(tmp_path / "one"),
-            "--grad-accum",
-            "2",
-            *ARGS,
-        ],
-        tmp_path,
-    )
-    two = _start(
-        [
-            *TORCHRUN,
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "gptfn",
-            "train",
-            "--data",
-            str(data_dir),
-            "--out",
-            str(tmp_path / "two"),
-            "--grad-accum",
-            "1",
-            *ARGS,
-        ],
-        tmp_path,
-    )
+    one = _single(data_dir, tmp_path / "one", SMALL, "--grad-accum", "2")
+    two = _ranks(data_dir, tmp_path / "two", SMALL, "--grad-accum", "1")
     outputs = _finish([one, two])
     assert outputs[1].count("done: 6 steps") == 1  # rank 0 alone reports
+    assert "(replicated)" in outputs[1]
     _assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
 def test_two_nodes_rendezvous_on_loopback(data_dir, tmp_path):
-    port = _free_port()
-    common = [
-        *TORCHRUN,
-        "--nnodes",
-        "2",
-        "--nproc-per-node",
-        "1",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{port}",
-        "--rdzv-id",
-        "gptfn-test",
-    ]
-    train = [
-        "-m",
-        "gptfn",
-        "train",
-        "--data",
-        str(data_dir),
-        "--out",
-        str(tmp_path / "nodes"),
-        "--grad-accum",
-        "1",
-        *ARGS,
-    ]
-    nodes = [_start([*common, "--node-rank", str(r), *train], tmp_path) for r in (0, 1)]
-    _finish(nodes)
-    one = _start(
-        [
-            sys.executable,
-            "-m",
-            "gptfn",
-            "train",
-            "--data",
-            str(data_dir),
-            "--out",
-            str(tmp_path / "one"),
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [
+        _ranks(
+            data_dir,
+            tmp_path / "nodes",
+            SMALL,
             "--grad-accum",
-            "2",
-            *ARGS,
-        ],
-        tmp_path,
-    )
-    _finish([one])
+            "1",
+            launcher=(
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "gptfn-test",
+                "--node-rank",
+                str(rank),
+            ),
+        )
+        for rank in (0, 1)
+    ]
+    _finish(nodes)
+    _finish([_single(data_dir, tmp_path / "one", SMALL, "--grad-accum", "2")])
     _assert_same_run(tmp_path / "one", tmp_path / "nodes")
 
 
-LONG = [a if a != "6" else "200" for a in ARGS]
-LONG[LONG.index("--eval-interval") + 1] = "20"
-LONG[LONG.index("--log-interval") + 1] = "10"
-
-
 def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     log = run / "log.jsonl"
     while time.monotonic() < deadline:
@@ -217,78 +180,17 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
-def _params_close(a: Path, b: Path, tol: float) -> None:
-    pa, pb = gptfn.load_run(a)[0], gptfn.load_run(b)[0]
-    diff = max(
-        float((x - y).abs().max()) for x, y in zip(optree.tree_leaves(pa), optree.tree_leaves(pb))
-    )
-    assert diff < tol, diff
-
-
 def test_sharded_run_resumes_at_another_world_size(data_dir, tmp_path):
-    ref = _start(
-        [
-            sys.executable,
-            "-m",
-            "gptfn",
-            "train",
-            "--data",
-            str(data_dir),
-            "--out",
-            str(tmp_path / "ref"),
-            "--grad-accum",
-            "2",
-            *LONG,
-        ],
-        tmp_path,
-    )
-    _finish([ref])
+    _finish([_single(data_dir, tmp_path / "ref", LONG, "--grad-accum", "2")])
     run = tmp_path / "run"
-    two = _start(
-        [
-            *TORCHRUN,
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "gptfn",
-            "train",
-            "--data",
-            str(data_dir),
-            "--out",
-            str(run),
-            "--grad-accum",
-            "1",
-            "--shard-optimizer",
-            *LONG,
-        ],
-        tmp_path,
-    )
+    two = _ranks(data_dir, run, LONG, "--grad-accum", "1", "--shard-optimizer")
     try:
         _wait_for_step(run, 20, two)
     finally:
         os.killpg(two.pid, signal.SIGKILL)  # the whole group, mid-run
         out, _ = two.communicate()
     assert "optimizer state per rank (MiB)" in out and "(sharded)" in out
-    one = _start(
-        [
-            sys.executable,
-            "-m",
-            "gptfn",
-            "train",
-            "--data",
-            str(data_dir),
-            "--out",
-            str(run),
-            "--grad-accum",
-            "2",
-            "--resume",
-            "auto",
-            *LONG,
-        ],
-        tmp_path,
-    )
-    (log,) = _finish([one])
+    (log,) = _finish([_single(data_dir, run, LONG, "--grad-accum", "2", "--resume", "auto")])
     assert "resuming from" in log
     _params_close(tmp_path / "ref", run, 1e-5)
 
@@ -299,51 +201,20 @@ def test_sharded_run_resumes_at_another_world_size(data_dir, tmp_path):
     "('failed to connect ... Connection refused'); run with GPTFN_RESTART_TEST=1",
 )
 def test_restart_after_a_worker_is_killed(data_dir, tmp_path):
-    ref = _start(
-        [
-            *TORCHRUN,
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "gptfn",
-            "train",
-            "--data",
-            str(data_dir),
-            "--out",
-            str(tmp_path / "ref"),
-            *LONG,
-        ],
-        tmp_path,
-    )
-    _finish([ref])
+    _finish([_ranks(data_dir, tmp_path / "ref", LONG)])
     run = tmp_path / "run"
-    proc = _start(
-        [
-            *TORCHRUN,
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "--max-restarts",
-            "1",
-            "-m",
-            "gptfn",
-            "train",
-            "--data",
-            str(data_dir),
-            "--out",
-            str(run),
-            "--resume",
-            "auto",
-            *LONG,
-        ],
-        tmp_path,
+    proc = _ranks(
+        data_dir,
+        run,
+        LONG,
+        "--resume",
+        "auto",
+        launcher=("--standalone", "--nproc-per-node", "2", "--max-restarts", "1"),
     )
     try:
         _wait_for_step(run, 20, proc)
         workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
-        victim = int(workers.stdout.split()[0])
-        os.kill(victim, signal.SIGKILL)  # one worker dies; torchrun restarts the group
+        os.kill(int(workers.stdout.split()[0]), signal.SIGKILL)  # torchrun restarts the group
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
