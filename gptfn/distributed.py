@@ -61,8 +61,35 @@ def setup(device: str = "cpu", backend: str = "auto", timeout_s: float = 300.0) 
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(
+            backend,
+            store=_store(rank, world, timeout),
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+        )
     return DistEnv(rank, world, local_rank, device)
+
+
+def _store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's rendezvous store, with keys prefixed by the restart count.
+
+    Measured here: after ``torchrun --max-restarts`` restarts a group, the new workers could read
+    the dead group's addresses from the shared store and fail to connect ("failed to connect
+    ... Connection refused") in about half the tries; a per-attempt prefix keeps them apart.
+    """
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent_hosts and rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent_hosts,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"gptfn/attempt_{attempt}/", store)
 
 
 def teardown() -> None:

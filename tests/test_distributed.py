@@ -189,17 +189,15 @@ def test_sharded_run_resumes_at_another_world_size(data_dir, tmp_path):
     finally:
         os.killpg(two.pid, signal.SIGKILL)  # the whole group, mid-run
         out, _ = two.communicate()
-    assert "optimizer state per rank (MiB)" in out and "(sharded)" in out
+    line = next(x for x in out.splitlines() if x.startswith("optimizer state per rank (MiB)"))
+    assert line.endswith("(sharded)")
+    per_rank = [float(v) for v in line.split(":")[1].split("(")[0].split(",")]
+    assert max(per_rank) < 0.6 * sum(per_rank)  # about 1/N of the full state each
     (log,) = _finish([_single(data_dir, run, LONG, "--grad-accum", "2", "--resume", "auto")])
     assert "resuming from" in log
-    _params_close(tmp_path / "ref", run, 1e-5)
+    _params_close(tmp_path / "ref", run, 1e-6)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("GPTFN_RESTART_TEST"),
-    reason="flaky: after torchrun restarts the group, gloo sometimes fails to reconnect "
-    "('failed to connect ... Connection refused'); run with GPTFN_RESTART_TEST=1",
-)
 def test_restart_after_a_worker_is_killed(data_dir, tmp_path):
     _finish([_ranks(data_dir, tmp_path / "ref", LONG)])
     run = tmp_path / "run"
