@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,12 +83,12 @@ class Prefetcher:
     """Iterates ``make(step)`` for steps ``start, start+1, ...`` with ``depth`` batches prepared
     ahead by a daemon thread."""
 
-    def __init__(self, make, start: int, stop: int, depth: int = 4) -> None:
+    def __init__(self, make: Callable[[int], Batch], start: int, stop: int, depth: int = 4) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._fill, args=(make, start, stop), daemon=True)
         self._thread.start()
 
-    def _fill(self, make, start: int, stop: int) -> None:
+    def _fill(self, make: Callable[[int], Batch], start: int, stop: int) -> None:
         for step in range(start, stop):
             try:
                 self._queue.put((step, make(step), None))
