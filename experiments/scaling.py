@@ -80,18 +80,21 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     (root / "plays.txt").write_text(shakespeare()[:1_000_000])
     prepare(root / "plays.txt", root / "data", "char")
-    common = [
-        "-m",
-        "gptfn",
-        "train",
-        "--data",
-        str(root / "data"),
+    model = [
         "--n-layer",
         str(args.n_layer),
         "--n-embd",
         str(args.n_embd),
         "--block-size",
         str(args.block_size),
+    ]
+    common = [
+        "-m",
+        "gptfn",
+        "train",
+        "--data",
+        str(root / "data"),
+        *model,
         "--batch-size",
         str(args.batch_size),
         "--max-steps",
@@ -133,12 +136,7 @@ def main() -> None:
             "2",
             __file__,
             "--worker",
-            "--n-layer",
-            str(args.n_layer),
-            "--n-embd",
-            str(args.n_embd),
-            "--block-size",
-            str(args.block_size),
+            *model,
         ],
         check=True,
         capture_output=True,

@@ -30,7 +30,6 @@ from gptfn.data import (
     load_tokens,
     prepare,
     random_batch,
-    sequential_batches,
 )
 from gptfn.distributed import (
     DistEnv,
@@ -51,7 +50,6 @@ __all__ = [
     "loss_scaling",
     "make_optimizer",
     "train",
-    "evaluate_loss",
 ]
 
 Tree = Any
@@ -261,28 +259,6 @@ def make_optimizer(
     return loss_scaling(tx) if cfg.dtype == "float16" else tx
 
 
-def evaluate_loss(
-    params: Tree,
-    data: np.ndarray,
-    batch_size: int,
-    block_size: int,
-    device: torch.device | str = "cpu",
-    max_batches: int | None = None,
-) -> float:
-    """Mean next-token loss over ``data`` in non-overlapping windows (every token scored once)."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i, (x, y) in enumerate(sequential_batches(data, batch_size, block_size, device)):
-            if max_batches is not None and i >= max_batches:
-                break
-            n = int((y >= 0).sum())
-            total += float(loss(params, x, y)) * n
-            count += n
-    if count == 0:
-        raise ValueError("no tokens to evaluate")
-    return total / count
-
-
 def _estimate_val(params: Tree, val: np.ndarray, cfg: TrainConfig) -> float:
     """Validation loss on ``eval_steps`` fixed random batches (the same ones at every eval)."""
     with torch.no_grad():
@@ -348,19 +324,17 @@ def _train(cfg: TrainConfig, env: DistEnv, callbacks: list[Callable[[dict], None
     owners = assign_owners(params, env.world_size) if sharded else None
     tx = make_optimizer(cfg, (lambda path, leaf: owners[path] == env.rank) if sharded else None)
     opt_state = tx.init(params)
-    state_bytes = [sum(x.numel() * x.element_size() for x in optree.tree_leaves(opt_state))]
-    if env.world_size > 1:
-        state_bytes = [0] * env.world_size
-        torch.distributed.all_gather_object(
-            state_bytes, sum(x.numel() * x.element_size() for x in optree.tree_leaves(opt_state))
-        )
-    if env.is_main and env.world_size > 1:
-        print(
-            "optimizer state per rank (MiB): "
-            + ", ".join(f"{b / 2**20:.2f}" for b in state_bytes)
-            + (" (sharded)" if sharded else " (replicated)"),
-            flush=True,
-        )
+    if env.world_size > 1:  # report the optimizer-state bytes each rank holds
+        per_rank = [0] * env.world_size
+        own = sum(x.numel() * x.element_size() for x in optree.tree_leaves(opt_state))
+        torch.distributed.all_gather_object(per_rank, own)
+        if env.is_main:
+            print(
+                "optimizer state per rank (MiB): "
+                + ", ".join(f"{b / 2**20:.2f}" for b in per_rank)
+                + (" (sharded)" if sharded else " (replicated)"),
+                flush=True,
+            )
     start, best_val = 0, math.inf
     last = run_dir / "last.safetensors"
     if cfg.resume and last.is_file():
