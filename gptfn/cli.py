@@ -273,16 +273,19 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_run(args.run_dir, args.out)}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``gptfn`` argument parser (every value checked as it is parsed)."""
-    parser = argparse.ArgumentParser(prog="gptfn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    positive, count = _number(int, low=1), _number(int, low=0)
-    which = dict(
-        choices=["last", "best"], default="last", help="which checkpoint of the run (default: last)"
+POSITIVE, COUNT = _number(int, low=1), _number(int, low=0)
+
+
+def _which_checkpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        choices=["last", "best"],
+        default="last",
+        help="which checkpoint of the run (default: last)",
     )
 
-    p = sub.add_parser("prepare", help="tokenize text into train.bin / val.bin")
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="a text file or a directory of them (default: built-in corpus)")
     p.add_argument("--tokenizer", choices=["char", "bpe", "gpt2"], default="char")
     p.add_argument(
@@ -296,47 +299,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace prepared data in --out")
-    p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train a model (default: built-in corpus, char level)")
-    _train_flags(p)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="generate text from a trained run")
+def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--checkpoint", **which)
+    _which_checkpoint(p)
     p.add_argument("--prompt", help="text to continue (default: a newline)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--num-samples", type=positive, default=1, help="continuations (default 1)")
-    p.add_argument("--max-new-tokens", type=positive, default=300, help="(default 300)")
+    p.add_argument("--num-samples", type=POSITIVE, default=1, help="continuations (default 1)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=300, help="(default 300)")
     p.add_argument(
         "--temperature", type=_number(float, low=0), default=0.8, help="0: greedy (default 0.8)"
     )
-    p.add_argument("--top-k", type=positive, help="sample from the k likeliest tokens")
+    p.add_argument("--top-k", type=POSITIVE, help="sample from the k likeliest tokens")
     p.add_argument(
         "--top-p",
         type=_number(float, above=0, at_most=1),
         help="sample from the smallest set of tokens with this much probability",
     )
-    p.add_argument("--seed", type=count, help="same seed, same samples")
+    p.add_argument("--seed", type=COUNT, help="same seed, same samples")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="validation loss, perplexity (and BLEU) of a run")
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--checkpoint", **which)
+    _which_checkpoint(p)
     p.add_argument("--data", help="prepared data directory (default: the run's own)")
     p.add_argument("--text", help="a raw text file to score instead")
-    p.add_argument("--stride", type=positive, help="sliding-window stride (default: no overlap)")
-    p.add_argument("--bleu-samples", type=count, default=0, help="BLEU of this many continuations")
-    p.add_argument("--batch-size", type=positive, default=32, help="(default 32)")
+    p.add_argument("--stride", type=POSITIVE, help="sliding-window stride (default: no overlap)")
+    p.add_argument("--bleu-samples", type=COUNT, default=0, help="BLEU of this many continuations")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="(default 32)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("plot", help="PNG of a run's loss curves")
+
+def _plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
-    p.set_defaults(func=cmd_plot)
+
+
+COMMANDS = {
+    "prepare": ("tokenize text into train.bin / val.bin", _prepare_args, cmd_prepare),
+    "train": ("train a model (default: built-in corpus, char level)", _train_flags, cmd_train),
+    "sample": ("generate text from a trained run", _sample_args, cmd_sample),
+    "eval": ("validation loss, perplexity (and BLEU) of a run", _eval_args, cmd_eval),
+    "plot": ("PNG of a run's loss curves", _plot_args, cmd_plot),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gptfn`` argument parser (every value checked as it is parsed)."""
+    parser = argparse.ArgumentParser(prog="gptfn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (text, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        add_arguments(p)
+        p.set_defaults(func=run)
     return parser
 
 

@@ -10,15 +10,10 @@ prints, logs and writes.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
-import threading
-import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +42,12 @@ from gptfn.distributed import (
     setup,
     teardown,
 )
+from gptfn.interrupt import StopSignal, TrainingInterrupted
 from gptfn.model import GPTConfig, init, loss
-from gptfn.optim import loss_scaling, lr_schedule, make_optimizer
+from gptfn.optim import loss_scaling, make_optimizer
 from gptfn.run_dir import check_run_dir, clean_temps, clear_run, trim_log
 from gptfn.train_config import TrainConfig
+from gptfn.train_log import TrainLog
 from gptfn.train_step import make_train_step
 from gptfn.tree import param_count
 
@@ -58,17 +55,6 @@ __all__ = ["TrainingInterrupted", "train"]
 
 Tree = Any
 BUILTIN_DATA = Path("data/shakespeare_char")
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on a signal; ``checkpoint`` (None after a second signal) holds the
-    last finished ``step``. A ``KeyboardInterrupt``, so ``except Exception`` lets it pass."""
-
-    def __init__(self, signum: int, step: int | None, checkpoint: Path | None) -> None:
-        name = signal.Signals(signum).name
-        saved = f"saved step {step} to {checkpoint}" if checkpoint else "nothing saved"
-        super().__init__(f"interrupted by {name}: {saved}")
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 @dataclass
@@ -90,7 +76,6 @@ class Run:
     owners: dict[str, int] | None  # ZeRO-1: which rank updates each leaf
     start: int = 0
     best_val: float = math.inf
-    last_record: dict = field(default_factory=dict)
 
 
 def train(cfg: TrainConfig, callbacks: list[Callable[[dict], None]] = ()) -> dict[str, Any]:
@@ -116,8 +101,8 @@ def _train(cfg: TrainConfig, env: DistEnv, callbacks: list[Callable[[dict], None
     run = _setup(cfg, env)
     _resume(run)
     batches = Prefetcher(lambda step: _batch(run, step), run.start, cfg.run.max_steps)
-    log = _Log(run, callbacks)
-    stop = _StopSignal(announce=env.is_main)
+    log = TrainLog(run.run_dir, cfg, run.start, env.world_size, env.is_main, callbacks)
+    stop = StopSignal(announce=env.is_main)
     try:
         with stop:
             for step, batch in batches:
@@ -236,8 +221,8 @@ def _report_state_bytes(opt_state: Tree, env: DistEnv, sharded: bool) -> None:
 
 
 def _resume(run: Run) -> None:
-    """With ``resume``, continue from ``last.safetensors`` when it exists. The model and the
-    data are compared first (clear errors), then the optimizer state is loaded."""
+    """With ``resume``, continue from ``last.safetensors`` when it exists. The data and the
+    model are compared first (clear errors), then the optimizer state is loaded."""
     last = run.run_dir / "last.safetensors"
     if not run.cfg.run.resume:
         return
@@ -246,17 +231,20 @@ def _resume(run: Run) -> None:
             trim_log(run.run_dir, 0)  # a log without a checkpoint: nothing of it is kept
         return
     saved = read_meta(last)
-    now = run.model_cfg.to_dict()
-    if saved.get("model") != now:
-        keys = sorted(set(saved.get("model", {})) | set(now))
-        diff = [f"{k} {saved.get('model', {}).get(k)} there, {now.get(k)} here" for k in keys]
-        diff = [d for d, k in zip(diff, keys) if saved.get("model", {}).get(k) != now.get(k)]
-        raise ValueError(f"cannot resume: {last} holds another model ({'; '.join(diff)})")
     if saved.get("tokenizer") != run.tokenizer.to_json():
+        there = saved.get("model", {}).get("vocab_size")
         raise ValueError(
             f"cannot resume: {last} was trained on data with another tokenizer than "
-            f"{run.data_dir} (vocabulary {saved['model']['vocab_size']} there)"
+            f"{run.data_dir} (vocabulary {there} there, {run.model_cfg.vocab_size} here)"
         )
+    before, now = saved.get("model", {}), run.model_cfg.to_dict()
+    diff = [
+        f"{k} {before.get(k)} there, {now.get(k)} here"
+        for k in sorted(set(before) | set(now))
+        if before.get(k) != now.get(k)
+    ]
+    if diff:
+        raise ValueError(f"cannot resume: {last} holds another model ({'; '.join(diff)})")
     sharded = run.owners is not None
     params, opt_state, saved = load_checkpoint(last, run.opt_state, run.env.device, sharded)
     run.params, run.opt_state = params, opt_state
@@ -359,126 +347,17 @@ def _checkpoint(run: Run, path: Path, step: int) -> None:
     save_checkpoint(path, run.params, None, meta, flat_opt=full_state)
 
 
-# ----------------------------------------------------------------------------- log, summary
+# ----------------------------------------------------------------------------- summary
 
 
-class _Log:
-    """``log.jsonl``, the progress bar (or, without one, a printed line per record), and the
-    throughput since the last record. Rank 0 alone writes and prints."""
-
-    def __init__(self, run: Run, callbacks: list[Callable[[dict], None]]) -> None:
-        from tqdm.auto import tqdm
-
-        cfg, main = run.cfg, run.env.is_main
-        self.run, self.callbacks, self.main = run, callbacks, main
-        self.file = (run.run_dir / "log.jsonl").open("a", encoding="utf-8") if main else None
-        self.bar = tqdm(
-            total=cfg.run.max_steps,
-            initial=run.start,
-            disable=not (cfg.run.progress and main),
-            dynamic_ncols=True,
-        )
-        self.schedule = lr_schedule(cfg.optimizer, cfg.run.max_steps)
-        self.rows = cfg.data.batch_size * cfg.data.grad_accum * run.env.world_size
-        self.t_start = self.t_last = time.perf_counter()
-        self.tokens = 0
-
-    def count(self) -> None:
-        """One more step done."""
-        self.tokens += self.rows * self.run.cfg.model.block_size
-        self.bar.update(1)
-
-    def train_record(self, done: int, metrics: dict[str, float]) -> dict[str, Any]:
-        """The record of step ``done``: loss, lr, gradient norm, tokens/s, time."""
-        now = time.perf_counter()
-        record = {
-            "step": done,
-            "train_loss": metrics["train_loss"],
-            "lr": float(self.schedule(torch.tensor(done - 1))),
-            "grad_norm": metrics["grad_norm"],
-            "tokens_per_s": self.tokens / max(now - self.t_last, 1e-9),
-            "time": now - self.t_start,
-        }
-        self.t_last, self.tokens = now, 0
-        return record
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append to the log, show it, pass it to the callbacks."""
-        self.run.last_record = record
-        self.bar.set_postfix(
-            loss=f"{record['train_loss']:.3f}",
-            tok_s=f"{record['tokens_per_s']:.0f}",
-            lr=f"{record['lr']:.2e}",
-        )
-        if not self.main:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.bar.disable:
-            print(_line(record, self.run.cfg.run.max_steps), flush=True)
-        elif "val_loss" in record:
-            self.bar.write(_line(record, self.run.cfg.run.max_steps))
-        for callback in self.callbacks:
-            callback(record)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.file is not None:
-            self.file.close()
-
-
-def _line(record: dict[str, Any], max_steps: int) -> str:
-    line = (
-        f"step {record['step']}/{max_steps}: loss {record['train_loss']:.4f}, "
-        f"lr {record['lr']:.2e}, {record['tokens_per_s']:,.0f} tokens/s"
-    )
-    if "val_loss" in record:
-        line += f", val loss {record['val_loss']:.4f} (perplexity {record['val_perplexity']:.2f})"
-    return line
-
-
-def _summary(run: Run, log: _Log) -> dict[str, Any]:
+def _summary(run: Run, log: TrainLog) -> dict[str, Any]:
+    """What ``train`` returns: where the run is, how it ended, how long it took."""
     return {
         "rank": run.env.rank,
         "run_dir": str(run.run_dir),
         "steps": run.cfg.run.max_steps,
         "best_val_loss": run.best_val,
-        "last": run.last_record,
-        "seconds": time.perf_counter() - log.t_start,
+        "last": log.last,
+        "seconds": log.seconds(),
         "params": param_count(run.params),
     }
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-class _StopSignal:
-    """While active, SIGINT and SIGTERM set ``signum`` (the loop stops after its step); a
-    second signal raises :class:`TrainingInterrupted` at once. Only in the main thread."""
-
-    def __init__(self, announce: bool) -> None:
-        self.signum: int | None = None
-        self.announce = announce
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise TrainingInterrupted(signum, None, None)
-        self.signum = signum
-        if self.announce:  # os.write: print() here could re-enter a print in progress
-            name = signal.Signals(signum).name
-            os.write(
-                2,
-                f"\n{name}: finishing this step, then saving last.safetensors "
-                "(again to stop at once)\n".encode(),
-            )
-
-    def __enter__(self) -> _StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
