@@ -24,28 +24,25 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class StopSignal:
-    """While active, SIGINT and SIGTERM set ``signum`` (the loop stops after its step); a
-    second signal raises :class:`TrainingInterrupted` at once. Only in the main thread."""
+    """Inside ``with StopSignal():``, SIGINT and SIGTERM set ``signum`` (the loop stops after
+    its step); a second signal raises :class:`TrainingInterrupted` at once. It does nothing
+    outside the main thread (only there can Python handle signals) or when not ``active``."""
 
-    def __init__(self, announce: bool) -> None:
+    def __init__(self, active: bool = True) -> None:
         self.signum: int | None = None
-        self.announce = announce
+        self.active = active
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             raise TrainingInterrupted(signum, None, None)
         self.signum = signum
-        if self.announce:  # os.write: print() here could re-enter a print in progress
-            name = signal.Signals(signum).name
-            os.write(
-                2,
-                f"\n{name}: finishing this step, then saving last.safetensors "
-                "(again to stop at once)\n".encode(),
-            )
+        name = signal.Signals(signum).name
+        message = f"\n{name}: finishing this step, then saving (again to stop at once)\n"
+        os.write(2, message.encode())  # print() here could re-enter a print in progress
 
     def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
+        if self.active and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -2,8 +2,10 @@
 
 :func:`train` reads top to bottom: set up (data, model, optimizer), resume, then for each step
 take the step, log it, and every ``eval_interval`` steps evaluate and write checkpoints; at the
-end a summary. Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes
-``last.safetensors`` and raises :class:`TrainingInterrupted`; a second one stops at once.
+end a summary. In a single process, Ctrl-C (SIGINT) or SIGTERM finishes the current step,
+writes ``last.safetensors`` and raises :class:`TrainingInterrupted`; a second one stops at once
+(under ``torchrun`` the launcher handles signals, and ``--resume`` continues from the last
+checkpoint).
 Under ``torchrun`` each rank computes its slice of the same global batch and rank 0 alone
 prints, logs and writes.
 """
@@ -39,6 +41,7 @@ from gptfn.distributed import (
     assign_owners,
     broadcast_from_owners,
     gather_to_main,
+    mean_scalar,
     setup,
     teardown,
 )
@@ -88,7 +91,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict], None]] = ()) -> dic
     global batch (``batch_size * grad_accum * N`` rows, drawn from (seed, step) alone).
 
     Raises:
-      TrainingInterrupted: on SIGINT/SIGTERM, after saving the last finished step.
+      TrainingInterrupted: on SIGINT/SIGTERM (one process, main thread), after saving the last
+        finished step.
     """
     env = setup(cfg.run.device, cfg.run.backend, cfg.run.dist_timeout)
     try:
@@ -102,11 +106,11 @@ def _train(cfg: TrainConfig, env: DistEnv, callbacks: list[Callable[[dict], None
     _resume(run)
     batches = Prefetcher(lambda step: _batch(run, step), run.start, cfg.run.max_steps)
     log = TrainLog(run.run_dir, cfg, run.start, env.world_size, env.is_main, callbacks)
-    stop = StopSignal(announce=env.is_main)
+    stop = StopSignal(active=env.world_size == 1)  # torchrun handles its workers' signals
     try:
         with stop:
             for step, batch in batches:
-                metrics, stopping = _step(run, step, batch, stop.signum is not None)
+                metrics = _step(run, step, batch)
                 done = step + 1
                 log.count()
                 is_eval = done % cfg.run.eval_interval == 0 or done == cfg.run.max_steps
@@ -116,7 +120,7 @@ def _train(cfg: TrainConfig, env: DistEnv, callbacks: list[Callable[[dict], None
                         record |= _evaluate(run)
                         _save_checkpoints(run, done, record["val_loss"])
                     log.write(record)
-                if stopping:
+                if stop.signum is not None and done < cfg.run.max_steps:  # at the end: finish
                     if not is_eval:
                         _checkpoint(run, run.run_dir / "last.safetensors", done)
                     raise TrainingInterrupted(stop.signum, done, run.run_dir / "last.safetensors")
@@ -267,13 +271,13 @@ def _batch(run: Run, step: int) -> tuple[Tensor, Tensor]:
     return x[mine].to(env.device), y[mine].to(env.device)
 
 
-def _step(run: Run, step: int, batch: Any, stop: bool) -> tuple[dict[str, float], bool]:
-    """One optimizer step; returns the metrics (averaged over ranks) and whether any rank was
-    asked to stop. A non-finite loss stops training and keeps the last good checkpoint."""
+def _step(run: Run, step: int, batch: Any) -> dict[str, float]:
+    """One optimizer step; returns its metrics (the loss averaged over ranks). A non-finite
+    loss stops training and keeps the last good checkpoint."""
     cfg, env = run.cfg, run.env
     torch.manual_seed((cfg.run.seed * 1_000_003 + step) * 1024 + env.rank)  # dropout
     params, opt_state, metrics = run.step_fn(run.params, run.opt_state, batch)
-    train_loss, stop = _across_ranks(float(metrics["loss"]), stop, env)
+    train_loss = mean_scalar(float(metrics["loss"]))
     if not math.isfinite(train_loss) and cfg.run.dtype != "float16":
         last = run.run_dir / "last.safetensors"
         raise FloatingPointError(
@@ -283,16 +287,7 @@ def _step(run: Run, step: int, batch: Any, stop: bool) -> tuple[dict[str, float]
     if run.owners is not None:  # ZeRO-1: each rank updated its own leaves; share them
         params = broadcast_from_owners(params, run.owners)
     run.params, run.opt_state = params, opt_state
-    return {"train_loss": train_loss, "grad_norm": float(metrics["grad_norm"])}, stop
-
-
-def _across_ranks(value: float, stop: bool, env: DistEnv) -> tuple[float, bool]:
-    """The mean of ``value`` and whether any rank has ``stop``, in one all-reduce."""
-    if env.world_size == 1:
-        return value, stop
-    both = torch.tensor([value, float(stop)], dtype=torch.float64)
-    dist.all_reduce(both)
-    return float(both[0]) / env.world_size, bool(both[1] > 0)
+    return {"train_loss": train_loss, "grad_norm": float(metrics["grad_norm"])}
 
 
 # ----------------------------------------------------------------------------- evaluate, save

@@ -25,6 +25,33 @@ DEVICES = ("cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+COMPILE_FLOOR = (
+    2,
+    12,
+)  # measured: 2.4-2.5 fail to compile the step; 2.6-2.11 leave params unchanged
+
+
+def torch_version() -> tuple[int, int]:
+    """The running PyTorch's (major, minor)."""
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _compile_works(on: bool) -> str | None:
+    """Why ``--compile`` cannot be used with this PyTorch, or None."""
+    if on and torch_version() < COMPILE_FLOOR:
+        import torch
+
+        return (
+            f"torch.compile of the training step needs PyTorch {'.'.join(map(str, COMPILE_FLOOR))}"
+            f" or newer (this is {torch.__version__}; older ones fail to compile it or train "
+            "nothing)"
+        )
+    return None
+
+
 def _available(device: str) -> str | None:
     """Why ``device`` cannot be used here, or None."""
     import torch
@@ -90,7 +117,9 @@ class RunOptions:
     dtype: str = option(
         "float32", "autocast dtype (float16 on a CPU is ~20x slower)", choices=DTYPES
     )
-    compile: bool = option(False, "torch.compile the whole step")
+    compile: bool = option(
+        False, "torch.compile the whole step (PyTorch 2.12 or newer)", check=_compile_works
+    )
     remat: bool = option(False, "recompute activations in the backward: less memory, more time")
     backend: str = option(
         "auto", "torchrun backend (auto: nccl on CUDA, else gloo)", choices=("auto", "gloo", "nccl")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
 import stat
 import subprocess
@@ -24,7 +23,8 @@ from safetensors.torch import load_file
 from gptfn.checkpoint import load_run, read_meta
 from gptfn.data import prepare, shakespeare
 
-GPTFN = [shutil.which("gptfn")] if shutil.which("gptfn") else [sys.executable, "-m", "gptfn"]
+SCRIPT = Path(sys.executable).with_name("gptfn")  # the command installed beside this Python
+GPTFN = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "gptfn"]
 TINY = [
     "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
     "--batch-size", "4", "--eval-steps", "2", "--log-interval", "1", "--warmup-steps", "2",
@@ -236,3 +236,26 @@ def test_plot_of_an_empty_log_says_so(trained, tmp_path):
 
     assert main(["plot", str(trained), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "gptfn", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0
+    assert all(cmd in out.stdout for cmd in ("prepare", "train", "sample", "eval", "plot"))
+
+
+def test_readme_says_what_the_install_line_installs():
+    root = Path(__file__).resolve().parents[1]
+    readme = root / "README.md"
+    text = " ".join(readme.read_text().split())
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in text
+    assert "pip install torch==" not in text  # no exact pin that means CUDA from PyPI
+    assert "float16" in text and "~20x slower than float32" in text
+    floor = next(
+        line.split(">=")[1].strip('",')
+        for line in (root / "pyproject.toml").read_text().split()
+        if line.startswith('"torch>=')
+    )
+    assert f"PyTorch {floor} or newer (tested: {floor}.0, the oldest" in text

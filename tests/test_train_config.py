@@ -150,3 +150,10 @@ def test_sections_hold_every_option_once_with_help():
     with pytest.raises(OptionError, match="n_layer: invalid value 0"):
         cfg.replace(n_layer=0)
     assert cfg.replace(untied=True).model.gpt_config(50).tie_embeddings is False
+
+
+def test_compile_is_refused_where_torch_cannot_compile_the_step(monkeypatch):
+    monkeypatch.setattr("gptfn.train_config.torch_version", lambda: (2, 11))
+    with pytest.raises(OptionError, match="compile: invalid value True: .* needs PyTorch 2.12"):
+        TrainConfig.from_dict({"compile": True})
+    assert TrainConfig.from_dict({"compile": False}).run.compile is False
