@@ -78,7 +78,8 @@ def scale(step_size: Scalar) -> GradientTransformation:
 
 
 def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
-    """Multiply updates by ``schedule(count)``; ``count`` starts at 0 and counts updates."""
+    """Multiply updates by ``schedule(count)``; ``count`` starts at 0 and counts updates. The
+    schedule's value (float64) is cast to each leaf's dtype."""
 
     def update(updates: Tree, state: Tree, params: Tree | None = None) -> tuple[Tree, Tree]:
         factor = schedule(state["count"])
@@ -172,8 +173,15 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
 
 
 def trace(decay: Scalar, nesterov: bool = False) -> GradientTransformation:
-    """Momentum: ``m = g + decay * m``; the update is ``m`` (or ``g + decay * m`` for Nesterov),
-    as ``torch.optim.SGD`` with dampening 0."""
+    """Momentum as ``torch.optim.SGD`` with dampening 0 (optax's ``trace`` too).
+
+    Args:
+      decay: Momentum decay; ``m = g + decay * m``.
+      nesterov: Return ``g + decay * m`` instead of ``m``.
+
+    Returns:
+      A ``GradientTransformation`` whose state is ``{"momentum"}``.
+    """
 
     def init(params: Tree) -> Tree:
         return {"momentum": _zeros(params)}
@@ -192,7 +200,16 @@ def trace(decay: Scalar, nesterov: bool = False) -> GradientTransformation:
 
 
 def scale_by_lion(b1: Scalar = 0.9, b2: Scalar = 0.99) -> GradientTransformation:
-    """Lion (Chen et al., 2023): the sign of an interpolation of momentum and gradient."""
+    """Lion's direction (Chen et al., 2023): the sign of an interpolation of momentum and
+    gradient.
+
+    Args:
+      b1: Weight of the momentum in the interpolation whose sign is the update.
+      b2: Decay rate of the momentum.
+
+    Returns:
+      A ``GradientTransformation`` whose state is ``{"mu"}``.
+    """
 
     def init(params: Tree) -> Tree:
         return {"mu": _zeros(params)}
