@@ -297,8 +297,8 @@ def _orthogonalise(d: Tensor, fan_in: tuple[int, ...], steps: int, eps: float) -
     fan_out = tuple(a for a in range(d.ndim) if a not in fan_in)
     order = fan_in + fan_out
     x = d.permute(order)
-    n_in = math.prod(d.shape[a] for a in fan_in)
-    n_out = math.prod(d.shape[a] for a in fan_out)
+    n_in = math.prod([d.shape[a] for a in fan_in])  # lists, not generators: dynamo traces them
+    n_out = math.prod([d.shape[a] for a in fan_out])
     o = newton_schulz(x.reshape(n_in, n_out), steps, eps) * math.sqrt(max(1.0, n_out / n_in))
     inverse = sorted(range(d.ndim), key=order.__getitem__)
     return o.reshape(x.shape).permute(inverse).to(d.dtype)
