@@ -37,7 +37,8 @@ __all__ = [
 Tree = Any
 Scalar = float | Tensor
 Schedule = Callable[[Tensor], Tensor]
-"""A function of the 0-d step count (a tensor) returning a 0-d value."""
+"""A function of the 0-d step count (a tensor) returning a 0-d tensor; gptfn's schedules return
+float64, and their consumers cast the value to the params' dtype."""
 
 
 class _Init(Protocol):
