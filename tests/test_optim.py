@@ -352,6 +352,17 @@ def test_muon_scales_by_fan_out_over_fan_in_in_gptfn_layout():
     assert optim.leading_fan_in_axes("w_o", params["blocks"][0]["w_o"]) == (0, 1)
 
 
+def test_fan_in_rule_reads_every_attention_shape_in_gptfn_layout():
+    for d in range(1, 25):
+        for heads in range(1, d + 1):
+            for d_head in range(1, d + 1):
+                w_q = torch.empty(d, heads, d_head, device="meta")  # w_k, w_v and GQA alike
+                assert math.prod(w_q.shape[a] for a in optim.leading_fan_in_axes("", w_q)) == d
+                w_o = torch.empty(heads, d_head, d, device="meta")
+                fan_in = math.prod(w_o.shape[a] for a in optim.leading_fan_in_axes("", w_o))
+                assert fan_in == heads * d_head or heads == d, (heads, d_head, d)
+
+
 def test_muon_fan_in_rule_is_overridable_and_checked():
     gen = torch.Generator().manual_seed(1)
     out_in = {"w": torch.randn(64, 16, generator=gen, dtype=torch.float64)}  # torch's layout

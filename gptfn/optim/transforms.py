@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from typing import Any
 
 import optree
@@ -259,12 +260,13 @@ def leading_fan_in_axes(path: str, leaf: Tensor) -> tuple[int, ...]:
     gptfn computes ``x @ w`` contracting ``w``'s leading axes, so every weight is stored
     [fan-in axes..., fan-out axes...]: ``w_in`` [d, 4d] and ``w_out`` [4d, d] have fan-in axis
     0. For a leaf with more than two axes, where the boundary lies is not written in the shape;
-    this rule puts it where the two sides' sizes are closest (the smallest
-    ``|log(fan_in / fan_out)|``; on a tie, fewer fan-in axes). For attention that is the
-    d_model axis of ``w_q``/``w_k``/``w_v`` [d_model, head, d_head] -> fan-in (0,), grouped-query
-    keys and values [d_model, kv_head, d_head] included, and the (head, d_head) axes of ``w_o``
-    [head, d_head, d_model] -> fan-in (0, 1), whenever d_head and head are at most d_model. The
-    rule reads shapes only, so a new weight in gptfn's layout needs no name registered here.
+    this rule puts it where the two sides' sizes are closest (the smallest ratio of the larger
+    to the smaller; on a tie, fewer fan-in axes). For attention that is the d_model axis of
+    ``w_q``/``w_k``/``w_v`` [d_model, head, d_head] -> fan-in (0,), grouped-query keys and
+    values [d_model, kv_head, d_head] included, and the (head, d_head) axes of ``w_o``
+    [head, d_head, d_model] -> fan-in (0, 1), whenever d_head <= d_model and head < d_model
+    (every real model). The rule reads shapes only, so a new weight in gptfn's layout needs no
+    name registered here.
     For other layouts pass your own rule, e.g. torch's [out, in] ``lambda path, leaf: (1,)``,
     or one that looks at ``path``.
     """
@@ -272,8 +274,9 @@ def leading_fan_in_axes(path: str, leaf: Tensor) -> tuple[int, ...]:
         raise ValueError(f"{path}: a fan-in needs a >=2-D leaf, got shape {tuple(leaf.shape)}")
     shape = leaf.shape
 
-    def imbalance(split: int) -> float:
-        return abs(math.log(max(math.prod(shape[:split]), 1) / max(math.prod(shape[split:]), 1)))
+    def imbalance(split: int) -> Fraction:  # exact, so ties are ties
+        sizes = sorted([max(math.prod(shape[:split]), 1), max(math.prod(shape[split:]), 1)])
+        return Fraction(sizes[1], sizes[0])
 
     split = min(range(1, leaf.ndim), key=lambda i: (imbalance(i), i))
     return tuple(range(split))
