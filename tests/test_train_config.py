@@ -154,6 +154,6 @@ def test_sections_hold_every_option_once_with_help():
 
 def test_compile_is_refused_where_torch_cannot_compile_the_step(monkeypatch):
     monkeypatch.setattr("gptfn.train_config.torch_version", lambda: (2, 11))
-    with pytest.raises(OptionError, match="compile: invalid value True: .* needs PyTorch 2.12"):
+    with pytest.raises(OptionError, match=r"compile: invalid value True: .* needs PyTorch 2\.12"):
         TrainConfig.from_dict({"compile": True})
     assert TrainConfig.from_dict({"compile": False}).run.compile is False
