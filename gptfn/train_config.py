@@ -6,7 +6,8 @@ names are the flag names: ``n_layer`` is ``--n-layer`` and the TOML key ``n-laye
 ``n_layer``), at the top level or in its section's table (``[model]``, ``[optimizer]``...).
 
 To add an architecture option, add a field to :class:`ModelOptions` with the name
-``GPTConfig`` gives it: :meth:`ModelOptions.gpt_config` passes every field ``GPTConfig`` knows.
+``GPTConfig`` gives it: :meth:`ModelOptions.gpt_config` passes each field on by name (and fails
+loudly on a name ``GPTConfig`` does not have).
 """
 
 from __future__ import annotations
@@ -83,10 +84,18 @@ class ModelOptions:
             )
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
-        """The model's ``GPTConfig``: every field of this section that ``GPTConfig`` has."""
+        """The model's ``GPTConfig``: every field of this section but the training-only ones
+        (``NOT_ARCHITECTURE``) goes to the ``GPTConfig`` field of the same name."""
         known = {f.name for f in fields(GPTConfig)}
-        same = {f.name: getattr(self, f.name) for f in fields(self) if f.name in known}
+        same = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_ARCHITECTURE
+        }
+        if unknown := sorted(set(same) - known):
+            raise TypeError(f"ModelOptions fields {unknown} are not GPTConfig fields")
         return GPTConfig(vocab_size=vocab_size, tie_embeddings=not self.untied, **same)
+
+
+NOT_ARCHITECTURE = ("dropout", "untied")  # a loss option; the flag for tie_embeddings=False
 
 
 @dataclass

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gptfn.cli import build_parser, main
+from gptfn.model import GPTConfig
 from gptfn.optim import OptimizerConfig, OptionError
 from gptfn.train import TrainConfig
 from gptfn.train_config import load_toml
@@ -150,6 +151,8 @@ def test_sections_hold_every_option_once_with_help():
     with pytest.raises(OptionError, match="n_layer: invalid value 0"):
         cfg.replace(n_layer=0)
     assert cfg.replace(untied=True).model.gpt_config(50).tie_embeddings is False
+    model = cfg.replace(n_layer=3, n_head=2, n_embd=8, block_size=9, bias=False).model
+    assert model.gpt_config(50) == GPTConfig(50, 9, 3, 2, 8, bias=False)
 
 
 def test_compile_is_refused_where_torch_cannot_compile_the_step(monkeypatch):
