@@ -1,4 +1,4 @@
-"""Training, in four files, each with one job:
+"""Training, in a few files, each with one job:
 
 - :mod:`gptfn.train_step`: the pure step ``make_train_step(tx)``, ``(params, opt_state, batch)
   -> (params, opt_state, metrics)``, with gradients from ``torch.func.vjp``; it composes with
@@ -6,7 +6,9 @@
 - :mod:`gptfn.train_config`: :class:`TrainConfig`, every setting of a run in sections (model,
   optimizer, data, run), each with its help line and allowed values.
 - :mod:`gptfn.loop`: :func:`train`, the loop with the side effects (data, evaluation,
-  checkpoints, logging, interrupts), split into one function per part.
+  checkpoints), one function per part; beside it :mod:`gptfn.train_log` (log file, progress,
+  printed lines), :mod:`gptfn.interrupt` (Ctrl-C / SIGTERM) and :mod:`gptfn.run_dir` (never
+  replace a run unless asked; clean up after a crash).
 - :mod:`gptfn.optim.config`: the optimizer a run asks for (``make_optimizer``, ``lr_schedule``).
 
 This module gathers the names a user imports: ``from gptfn.train import TrainConfig, train``.
