@@ -149,10 +149,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     summary = train(cfg)
     if summary["rank"] != 0:
         return  # under torchrun only rank 0 reports
-    last = summary["last"]
+    val = summary["last"].get("val_loss")
     print(
         f"done: {summary['steps']} steps in {summary['seconds']:.0f}s, "
-        f"val loss {last.get('val_loss', float('nan')):.4f}, run in {summary['run_dir']}"
+        + (f"val loss {val:.4f}, " if val is not None else "")
+        + f"run in {summary['run_dir']}"
     )
     if cfg.run.sample_tokens:
         _print_samples(

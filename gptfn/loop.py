@@ -104,6 +104,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict], None]] = ()) -> dic
 def _train(cfg: TrainConfig, env: DistEnv, callbacks: list[Callable[[dict], None]]) -> dict:
     run = _setup(cfg, env)
     _resume(run)
+    if run.start >= cfg.run.max_steps and env.is_main:
+        print(f"the run is at step {run.start} already (--max-steps {cfg.run.max_steps})")
     batches = Prefetcher(lambda step: _batch(run, step), run.start, cfg.run.max_steps)
     log = TrainLog(run.run_dir, cfg, run.start, env.world_size, env.is_main, callbacks)
     stop = StopSignal(active=env.world_size == 1)  # torchrun handles its workers' signals
