@@ -2,8 +2,8 @@
 
 from gptfn import optim, tree
 from gptfn.checkpoint import load_run
-from gptfn.generate import generate, generate_stream
-from gptfn.interop import from_hf_gpt2, to_hf_gpt2
+from gptfn.generation import generate, generate_stream
+from gptfn.families import from_hf_gpt2, to_hf_gpt2
 from gptfn.model import GPTConfig, forward, init, loss
 from gptfn.module import GPTModule
 from gptfn.train import make_train_step

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from gptfn.checkpoint import load_run
 from gptfn.data import load_meta, load_tokens
 from gptfn.data.tokenizers import Tokenizer
-from gptfn.generate import generate
+from gptfn.generation import generate
 from gptfn.model import forward
 from gptfn.typing import Params
 

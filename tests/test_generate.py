@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gptfn
-from gptfn.generate import (
+from gptfn.generation import (
     decode_step,
     generate,
     generate_stream,
