@@ -92,9 +92,7 @@ def extend(params: Params, tokens: Tensor, cache: Cache) -> tuple[Tensor, Cache]
     key = torch.arange(max_len, device=tokens.device)[None, None, :]
     query = slots[None, :, None]
     mask = (((key >= pad[:, None, None]) & (key <= query)) | (key == query))[:, None]
-    logits = run_blocks(
-        params, tokens, positions, mask=mask, caches=cache["layers"], slots=slots
-    )
+    logits = run_blocks(params, tokens, positions, mask=mask, caches=cache["layers"], slots=slots)
     return logits, {"layers": cache["layers"], "pad": pad, "length": start + n}
 
 
@@ -166,8 +164,10 @@ def _as_prompts(prompts: Prompts) -> list[list[int]]:
     rows = []
     for i, row in enumerate(prompts):
         ids = row.tolist() if isinstance(row, Tensor) and row.ndim == 1 else row
-        if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in ids
+        if (
+            not isinstance(ids, Sequence)
+            or isinstance(ids, (str, bytes))
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
         ):
             raise ValueError(
                 f"prompt {i} must be a list of int token ids (or a 1-D integer tensor), got "

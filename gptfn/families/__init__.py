@@ -33,7 +33,9 @@ def _config_dict(config: Any) -> dict[str, Any]:
         return config
     to_dict = getattr(config, "to_dict", None)
     if to_dict is None:
-        raise TypeError(f"expected a config.json dict or a transformers config, got {type(config).__name__}")
+        raise TypeError(
+            f"expected a config.json dict or a transformers config, got {type(config).__name__}"
+        )
     return to_dict()
 
 

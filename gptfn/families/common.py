@@ -59,8 +59,12 @@ def first(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:
 
 
 def rope_from_hf(
-    hf: dict[str, Any], family: str, *, theta_keys: tuple[str, ...] = ("rope_theta",),
-    fraction_keys: tuple[str, ...] = ("partial_rotary_factor",), default_fraction: float = 1.0,
+    hf: dict[str, Any],
+    family: str,
+    *,
+    theta_keys: tuple[str, ...] = ("rope_theta",),
+    fraction_keys: tuple[str, ...] = ("partial_rotary_factor",),
+    default_fraction: float = 1.0,
 ) -> dict[str, Any]:
     """``rope_theta``, ``rotary_fraction`` and ``rope_scaling`` GPTConfig fields from either
     layout of a config.json: transformers 5's ``rope_parameters`` or the older top-level
@@ -68,8 +72,12 @@ def rope_from_hf(
     params = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or {})
     theta = first(params, "rope_theta", default=first(hf, *theta_keys, default=10000.0))
-    fraction = first(params, "partial_rotary_factor", default=first(hf, *fraction_keys, default=default_fraction))
-    kind = first(params, "rope_type", "type", default=first(scaling, "rope_type", "type", default="default"))
+    fraction = first(
+        params, "partial_rotary_factor", default=first(hf, *fraction_keys, default=default_fraction)
+    )
+    kind = first(
+        params, "rope_type", "type", default=first(scaling, "rope_type", "type", default="default")
+    )
     out: dict[str, Any] = {"rope_theta": float(theta), "rotary_fraction": float(fraction)}
     if kind == "llama3":
         source = params if "factor" in params else scaling
@@ -117,7 +125,11 @@ def require(cfg: GPTConfig, family: str, wanted: dict[str, Any]) -> None:
     wrong = [
         f"{name}={getattr(cfg, name)!r} (needs {value!r})"
         for name, value in wanted.items()
-        if (getattr(cfg, name) not in value if isinstance(value, tuple) else getattr(cfg, name) != value)
+        if (
+            getattr(cfg, name) not in value
+            if isinstance(value, tuple)
+            else getattr(cfg, name) != value
+        )
     ]
     if wrong:
         raise ValueError(f"{family} cannot hold {', '.join(wrong)}")

@@ -68,13 +68,19 @@ def from_hf(state_dict: dict[str, Tensor], cfg: GPTConfig) -> Params:
         )
         attn = {"w_q": w_q, "w_k": w_k, "w_v": w_v}
         attn["w_o"] = rearrange(sd.take(f"{pre}.attn.c_proj.weight"), "(h k) d -> h k d", h=h)
-        mlp = {"w_in": sd.take(f"{pre}.mlp.c_fc.weight"), "w_out": sd.take(f"{pre}.mlp.c_proj.weight")}
+        mlp = {
+            "w_in": sd.take(f"{pre}.mlp.c_fc.weight"),
+            "w_out": sd.take(f"{pre}.mlp.c_proj.weight"),
+        }
         if cfg.bias:
             b_q, b_k, b_v = rearrange(
                 sd.take(f"{pre}.attn.c_attn.bias"), "(three h k) -> three h k", three=3, h=h
             )
             attn |= {"b_q": b_q, "b_k": b_k, "b_v": b_v, "b_o": sd.take(f"{pre}.attn.c_proj.bias")}
-            mlp |= {"b_in": sd.take(f"{pre}.mlp.c_fc.bias"), "b_out": sd.take(f"{pre}.mlp.c_proj.bias")}
+            mlp |= {
+                "b_in": sd.take(f"{pre}.mlp.c_fc.bias"),
+                "b_out": sd.take(f"{pre}.mlp.c_proj.bias"),
+            }
         blocks.append(
             {"ln_1": norm_in(sd, f"{pre}.ln_1", cfg.bias), "attn": attn,
              "ln_2": norm_in(sd, f"{pre}.ln_2", cfg.bias), "mlp": mlp}
@@ -127,11 +133,18 @@ def from_hf_gpt2(state_dict: dict[str, Tensor], n_head: int) -> Params:
     head = state_dict.get("lm_head.weight")
     tied = head is None or (
         head.shape == sd["wte.weight"].shape
-        and (head.data_ptr() == sd["wte.weight"].data_ptr() or bool((head == sd["wte.weight"]).all()))
+        and (
+            head.data_ptr() == sd["wte.weight"].data_ptr() or bool((head == sd["wte.weight"]).all())
+        )
     )
     cfg = GPTConfig(
-        vocab_size=vocab, block_size=block_size, n_layer=len({k.split(".")[1] for k in sd if k.startswith("h.")}),
-        n_head=n_head, n_embd=d, bias="h.0.attn.c_attn.bias" in sd, tie_embeddings=tied,
+        vocab_size=vocab,
+        block_size=block_size,
+        n_layer=len({k.split(".")[1] for k in sd if k.startswith("h.")}),
+        n_head=n_head,
+        n_embd=d,
+        bias="h.0.attn.c_attn.bias" in sd,
+        tie_embeddings=tied,
         d_mlp=sd["h.0.mlp.c_fc.weight"].shape[1],
-    )  # fmt: skip
+    )
     return from_hf(state_dict, cfg)

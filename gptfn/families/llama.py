@@ -92,11 +92,16 @@ def from_hf(state_dict: dict[str, Tensor], cfg: GPTConfig, family: str = "Llama"
     blocks = []
     for i in range(cfg.n_layer):
         pre = f"model.layers.{i}"
-        attn = {f"w_{n}": heads_in(sd.take(f"{pre}.self_attn.{n}_proj.weight"), h if n == "q" else g) for n in "qkv"}
+        attn = {
+            f"w_{n}": heads_in(sd.take(f"{pre}.self_attn.{n}_proj.weight"), h if n == "q" else g)
+            for n in "qkv"
+        }
         attn["w_o"] = rearrange(sd.take(f"{pre}.self_attn.o_proj.weight"), "d (h k) -> h k d", h=h)
         if cfg.qkv_bias:
             for n in "qkv":
-                attn[f"b_{n}"] = sd.take(f"{pre}.self_attn.{n}_proj.bias").unflatten(0, (-1, cfg.d_head))
+                attn[f"b_{n}"] = sd.take(f"{pre}.self_attn.{n}_proj.bias").unflatten(
+                    0, (-1, cfg.d_head)
+                )
         if cfg.bias:
             attn["b_o"] = sd.take(f"{pre}.self_attn.o_proj.bias")
         mlp = {

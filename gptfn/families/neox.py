@@ -14,12 +14,23 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from gptfn.families.common import Reader, activation, norm_in, norm_out, require, rope_from_hf, rope_to_hf
+from gptfn.families.common import (
+    Reader,
+    activation,
+    norm_in,
+    norm_out,
+    require,
+    rope_from_hf,
+    rope_to_hf,
+)
 from gptfn.model import GPTConfig
 from gptfn.typing import Params, Tensor
 
 MODEL_TYPE = "gpt_neox"
 ARCHITECTURE = "GPTNeoXForCausalLM"
+FILE_NAMES = {"lm_head.weight": "embed_out.weight"}
+"""Keys written under their older names in model.safetensors (what Pythia's files use; every
+transformers version reads them)."""
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
@@ -35,9 +46,12 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
         d_mlp=hf["intermediate_size"],
         position="rotary",
         **rope_from_hf(
-            hf, "GPT-NeoX", theta_keys=("rotary_emb_base", "rope_theta"),
-            fraction_keys=("rotary_pct", "partial_rotary_factor"), default_fraction=0.25,
-        ),  # fmt: skip
+            hf,
+            "GPT-NeoX",
+            theta_keys=("rotary_emb_base", "rope_theta"),
+            fraction_keys=("rotary_pct", "partial_rotary_factor"),
+            default_fraction=0.25,
+        ),
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
         norm_bias=True,
@@ -101,9 +115,11 @@ def from_hf(state_dict: dict[str, Tensor], cfg: GPTConfig) -> Params:
         "wte": sd.take("gpt_neox.embed_in.weight"), "blocks": blocks,
         "ln_f": norm_in(sd, "gpt_neox.final_layer_norm", True), "config": cfg,
     }  # fmt: skip
-    if not cfg.tie_embeddings:
-        params["unembed"] = sd.take("embed_out.weight")
-    sd.finish(ignore=["embed_out.weight"])
+    if not cfg.tie_embeddings:  # transformers 5 calls it lm_head; files on the hub embed_out
+        params["unembed"] = sd.take(
+            "lm_head.weight" if "lm_head.weight" in sd else "embed_out.weight"
+        )
+    sd.finish(ignore=["lm_head.weight", "embed_out.weight"])
     return params
 
 
@@ -115,11 +131,15 @@ def to_hf(params: Params, cfg: GPTConfig) -> dict[str, Tensor]:
         pre = f"gpt_neox.layers.{i}"
         attn, mlp = block["attn"], block["mlp"]
         qkv = torch.stack([attn["w_q"], attn["w_k"], attn["w_v"]])
-        sd[f"{pre}.attention.query_key_value.weight"] = rearrange(qkv, "three d h k -> (h three k) d")
+        sd[f"{pre}.attention.query_key_value.weight"] = rearrange(
+            qkv, "three d h k -> (h three k) d"
+        )
         sd[f"{pre}.attention.dense.weight"] = rearrange(attn["w_o"], "h k d -> d (h k)")
         if cfg.bias:
             b_qkv = torch.stack([attn["b_q"], attn["b_k"], attn["b_v"]])
-            sd[f"{pre}.attention.query_key_value.bias"] = rearrange(b_qkv, "three h k -> (h three k)")
+            sd[f"{pre}.attention.query_key_value.bias"] = rearrange(
+                b_qkv, "three h k -> (h three k)"
+            )
             sd[f"{pre}.attention.dense.bias"] = attn["b_o"]
         sd[f"{pre}.mlp.dense_h_to_4h.weight"] = mlp["w_in"].T
         sd[f"{pre}.mlp.dense_h_to_4h.bias"] = mlp.get("b_in", zeros(cfg.d_mlp))
@@ -128,5 +148,5 @@ def to_hf(params: Params, cfg: GPTConfig) -> dict[str, Tensor]:
         sd |= norm_out(block["ln_1"], f"{pre}.input_layernorm", bias=True)
         sd |= norm_out(block["ln_2"], f"{pre}.post_attention_layernorm", bias=True)
     sd |= norm_out(params["ln_f"], "gpt_neox.final_layer_norm", bias=True)
-    sd["embed_out.weight"] = params.get("unembed", params["wte"])
+    sd["lm_head.weight"] = params.get("unembed", params["wte"])
     return sd

@@ -44,16 +44,16 @@ def attention_qkv(
 
 
 def _qkv_per_head_inputs(
-    p: Params, ln: Params, x: Tensor, cfg: GPTConfig, hook: Hook, prefix: str
+    p: Params, x: Tensor, hook: Hook, prefix: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Queries, keys, values from a copy of the residual per head (TransformerLens's split
-    inputs ``hook_q_input`` ...): each head's input can then be patched on its own. Costs the
-    norm once per head; only run when such a name is asked for."""
+    """Queries, keys, values from a copy of the normed input per head (``q_input`` ...
+    [batch seq head d_model]), so each head's input can be patched on its own. Same
+    projections as :func:`attention_qkv`; only run when such a name is asked for."""
     out = []
     for n in "qkv":
         heads = p[f"w_{n}"].shape[1]
         per_head = tap(hook, f"{prefix}{n}_input", repeat(x, "b s d -> b s h d", h=heads))
-        y = torch.einsum("bshd,dhk->bshk", norm(ln, per_head, cfg), p[f"w_{n}"])
+        y = torch.einsum("bshd,dhk->bshk", per_head, p[f"w_{n}"])
         out.append(y if f"b_{n}" not in p else y + p[f"b_{n}"])
     return out[0], out[1], out[2]
 
@@ -85,10 +85,11 @@ def self_attention(
     """The attention branch of a block: norm ``ln``, project, (QK-norm), (rotate), (cache),
     attend, project out. ``prefix`` is ``blocks.{i}.``; names are ``ln_1.*`` and ``attn.*``."""
     a = prefix + "attn."
+    x = norm(ln, x, cfg, hook, prefix + "ln_1.")
     if any(wants(hook, f"{a}{n}_input") for n in "qkv"):
-        q, k, v = _qkv_per_head_inputs(p, ln, x, cfg, hook, a)  # type: ignore[arg-type]
+        q, k, v = _qkv_per_head_inputs(p, x, hook, a)  # type: ignore[arg-type]
     else:
-        q, k, v = attention_qkv(p, norm(ln, x, cfg, hook, prefix + "ln_1."))
+        q, k, v = attention_qkv(p, x)
     if hook is not None:
         q, k, v = (hook(f"{a}{n}", t) for n, t in zip("qkv", (q, k, v)))
     if cfg.qk_norm:

@@ -98,7 +98,9 @@ class GPTConfig:
             "parallel_residual",
         ):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}"
+                )
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -116,11 +118,14 @@ class GPTConfig:
         if self.logit_softcap is not None:
             _positive_float("logit_softcap", self.logit_softcap)
         if not isinstance(self.rotary_fraction, (int, float)) or not 0 < self.rotary_fraction <= 1:
-            raise ValueError(f"GPTConfig.rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}")
+            raise ValueError(
+                f"GPTConfig.rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}"
+            )
         if self.position == "rotary" and (self.rotary_dim < 2 or self.rotary_dim % 2):
             raise ValueError(
-                f"rotary positions rotate pairs of dims: int(d_head * rotary_fraction) = "
-                f"int({self.d_head} * {self.rotary_fraction}) = {self.rotary_dim} must be even and >= 2"
+                "rotary positions rotate pairs of dims: int(d_head * rotary_fraction) = "
+                f"int({self.d_head} * {self.rotary_fraction}) = {self.rotary_dim} must be even "
+                "and >= 2"
             )
         if self.rope_scaling is not None and (
             len(self.rope_scaling) != 4 or self.position != "rotary"
@@ -212,7 +217,7 @@ optree.register_pytree_node(
     GPTConfig,
     lambda cfg: ((), cfg, ()),
     lambda cfg, _children: cfg,
-    namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"),  # noqa: B009  (no public name)
+    namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"),
 )
 torch_pytree.register_pytree_node(
     GPTConfig,

@@ -77,9 +77,11 @@ def init(
 ) -> Params:
     """Fresh parameters for ``cfg`` (the tree carries ``cfg`` as ``params["config"]``):
     N(0, 0.02) weights, N(0, 0.02/sqrt(2 n_layer)) residual outputs (``w_o``, ``w_out``),
-    zero biases, unit norm scales. Deterministic in ``seed``."""
+    zero biases, unit norm scales. Deterministic in ``seed``. ``device="meta"`` gives the
+    tree's shapes with no storage and no drawing (like ``jax.eval_shape``)."""
     gen = torch.Generator().manual_seed(seed)
     scales = {"normal": 0.02, "resid": 0.02 / math.sqrt(2 * cfg.n_layer)}
+    abstract = device is not None and torch.device(device).type == "meta"
 
     def build(node: Any) -> Any:
         if isinstance(node, dict):
@@ -87,6 +89,8 @@ def init(
         if isinstance(node, list):
             return [build(value) for value in node]
         shape, kind = node
+        if abstract:
+            return torch.empty(shape, dtype=dtype, device="meta")
         if kind == "ones":
             value = torch.ones(shape)
         elif kind == "zeros":
@@ -102,12 +106,18 @@ def check_params(params: Params, cfg: GPTConfig | None = None) -> None:
     """Raise ``ValueError`` unless the tree has exactly the leaves and shapes ``cfg`` (default:
     the tree's own config) calls for; the message lists what is missing, extra or misshapen."""
     cfg = config_of(params) if cfg is None else cfg
-    paths, shapes, _ = optree.tree_flatten_with_path(_spec(cfg), is_leaf=lambda n: isinstance(n, tuple))
+    paths, shapes, _ = optree.tree_flatten_with_path(
+        _spec(cfg), is_leaf=lambda n: isinstance(n, tuple)
+    )
     want = {".".join(map(str, p)): tuple(s[0]) for p, s in zip(paths, shapes)}
     paths, leaves, _ = optree.tree_flatten_with_path(params)
     have = {".".join(map(str, p)): tuple(x.shape) for p, x in zip(paths, leaves)}
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    wrong = [f"{n} {have[n]} (expected {want[n]})" for n in sorted(want) if have.get(n, want[n]) != want[n]]
+    wrong = [
+        f"{n} {have[n]} (expected {want[n]})"
+        for n in sorted(want)
+        if have.get(n, want[n]) != want[n]
+    ]
     if missing or extra or wrong:
         raise ValueError(
             f"parameters do not fit {cfg}: missing {missing[:5]}, unexpected {extra[:5]}, "
@@ -163,7 +173,9 @@ def unembed(
     """Final norm, then logits through the (tied unless ``unembed`` exists) embedding, then the
     optional soft-cap."""
     cfg = config_of(params)
-    logits = linear(norm(params["ln_f"], x, cfg, hook, "ln_f."), params.get("unembed", params["wte"]), None)
+    logits = linear(
+        norm(params["ln_f"], x, cfg, hook, "ln_f."), params.get("unembed", params["wte"]), None
+    )
     if cfg.logit_softcap is not None:
         logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
     return logits
@@ -181,7 +193,8 @@ def check_tokens(params: Params, tokens: Tensor, name: str = "tokens", *, allow:
     cfg = config_of(params)
     if tokens.shape[-1] > cfg.block_size:
         raise ValueError(
-            f"{name} has sequence length {tokens.shape[-1]}, longer than block_size {cfg.block_size}"
+            f"{name} has sequence length {tokens.shape[-1]}, longer than block_size "
+            f"{cfg.block_size}"
         )
     if tokens.is_floating_point():
         raise TypeError(f"{name} must be an integer tensor, got dtype {tokens.dtype}")

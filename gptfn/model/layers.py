@@ -168,7 +168,9 @@ def norm(
     """
     if wants(hook, prefix + "rms") or wants(hook, prefix + "normalized"):
         centred = x - x.mean(-1, keepdim=True) if cfg.norm == "layernorm" else x
-        rms = tap(hook, prefix + "rms", (centred.pow(2).mean(-1, keepdim=True) + cfg.norm_eps).sqrt())
+        rms = tap(
+            hook, prefix + "rms", (centred.pow(2).mean(-1, keepdim=True) + cfg.norm_eps).sqrt()
+        )
         out = tap(hook, prefix + "normalized", centred / rms) * p["scale"]
         out = out if "bias" not in p else out + p["bias"]
     elif cfg.norm == "layernorm":
@@ -198,20 +200,25 @@ def mlp(
     prefix: str = "",
 ) -> Float[Tensor, "batch seq d_model"]:
     """Feed-forward: ``w_out(act(w_in x))``, or gated ``w_out(act(w_gate x) * w_in x)`` for
-    swiglu (SiLU gate, Llama) and geglu (tanh-GELU gate, Gemma). ``pre`` is ``w_in x`` (+ b),
-    ``post`` the product fed to ``w_out``; gated MLPs add ``pre_gate``."""
+    swiglu (SiLU gate, Llama) and geglu (tanh-GELU gate, Gemma). Names as TransformerLens:
+    ``pre`` is the activation's input (``w_in x``, or ``w_gate x`` when gated), gated MLPs add
+    ``pre_linear`` (``w_in x``), ``post`` is what ``w_out`` reads, ``out`` the result."""
     try:
         act = _ACTIVATIONS[activation]
     except KeyError:
         raise ValueError(
             f"unknown MLP activation {activation!r}; choose one of {', '.join(_ACTIVATIONS)}"
         ) from None
-    pre = tap(hook, prefix + "pre", dense(x, p["w_in"], p.get("b_in")))
     if "w_gate" in p:
-        gate = tap(hook, prefix + "pre_gate", dense(x, p["w_gate"], p.get("b_gate")))
-        post = tap(hook, prefix + "post", act(gate) * pre)
+        gate = tap(hook, prefix + "pre", dense(x, p["w_gate"], p.get("b_gate")))
+        linear_part = tap(hook, prefix + "pre_linear", dense(x, p["w_in"], p.get("b_in")))
+        post = tap(hook, prefix + "post", act(gate) * linear_part)
     else:
-        post = tap(hook, prefix + "post", act(pre))
+        post = tap(
+            hook,
+            prefix + "post",
+            act(tap(hook, prefix + "pre", dense(x, p["w_in"], p.get("b_in")))),
+        )
     return tap(hook, prefix + "out", dense(post, p["w_out"], p.get("b_out")))
 
 
