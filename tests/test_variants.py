@@ -45,17 +45,30 @@ VARIANTS = {
     "parallel_residual": {"parallel_residual": True},
     "softcap": {"logit_softcap": 2.0},
     "llama": {
-        **ROTARY, "norm": "rmsnorm", "norm_bias": False, "mlp": "swiglu", "bias": False,
-        "n_kv_head": 2, "tie_embeddings": False,
-    },  # fmt: skip
-    "qwen2": {
-        **ROTARY, "norm": "rmsnorm", "norm_bias": False, "mlp": "swiglu", "bias": False,
-        "qkv_bias": True, "n_kv_head": 1,
-    },  # fmt: skip
-    "neox": {
-        **ROTARY, "rotary_fraction": 0.5, "mlp": "gelu", "parallel_residual": True,
+        **ROTARY,
+        "norm": "rmsnorm",
+        "norm_bias": False,
+        "mlp": "swiglu",
+        "bias": False,
+        "n_kv_head": 2,
         "tie_embeddings": False,
-    },  # fmt: skip
+    },
+    "qwen2": {
+        **ROTARY,
+        "norm": "rmsnorm",
+        "norm_bias": False,
+        "mlp": "swiglu",
+        "bias": False,
+        "qkv_bias": True,
+        "n_kv_head": 1,
+    },
+    "neox": {
+        **ROTARY,
+        "rotary_fraction": 0.5,
+        "mlp": "gelu",
+        "parallel_residual": True,
+        "tie_embeddings": False,
+    },
 }
 
 
@@ -157,7 +170,12 @@ def test_config_round_trips(name):
 
 def test_default_config_is_gpt2():
     cfg = gptfn.GPTConfig(**BASE)
-    assert (cfg.position, cfg.norm, cfg.mlp, cfg.norm_eps) == ("learned", "layernorm", "gelu_tanh", 1e-5)
+    assert (cfg.position, cfg.norm, cfg.mlp, cfg.norm_eps) == (
+        "learned",
+        "layernorm",
+        "gelu_tanh",
+        1e-5,
+    )
     assert (cfg.n_kv_head, cfg.d_head, cfg.d_mlp) == (4, 4, 64)
     assert cfg.bias and cfg.qkv_bias and cfg.mlp_bias and cfg.norm_bias and cfg.tie_embeddings
     assert not (cfg.qk_norm or cfg.parallel_residual) and cfg.logit_softcap is None
@@ -197,5 +215,79 @@ def test_unknown_config_field_is_named():
 def test_params_that_do_not_fit_the_config_are_named():
     params = gptfn.init(gptfn.GPTConfig(**BASE, n_kv_head=2))
     wrong = {**params, "config": gptfn.GPTConfig(**BASE)}
-    with pytest.raises(ValueError, match=r"blocks.0.attn.w_k \(16, 2, 4\) \(expected \(16, 4, 4\)\)"):
+    with pytest.raises(
+        ValueError, match=r"blocks.0.attn.w_k \(16, 2, 4\) \(expected \(16, 4, 4\)\)"
+    ):
         gptfn.model.check_params(wrong)
+
+
+OLD_KEYS = [  # the leaves gptfn's init made before the tree carried its config (df286b1)
+    "blocks.0.attn.b_k",
+    "blocks.0.attn.b_o",
+    "blocks.0.attn.b_q",
+    "blocks.0.attn.b_v",
+    "blocks.0.attn.w_k",
+    "blocks.0.attn.w_o",
+    "blocks.0.attn.w_q",
+    "blocks.0.attn.w_v",
+    "blocks.0.ln_1.bias",
+    "blocks.0.ln_1.scale",
+    "blocks.0.ln_2.bias",
+    "blocks.0.ln_2.scale",
+    "blocks.0.mlp.b_in",
+    "blocks.0.mlp.b_out",
+    "blocks.0.mlp.w_in",
+    "blocks.0.mlp.w_out",
+    "ln_f.bias",
+    "ln_f.scale",
+    "wpe",
+    "wte",
+]
+
+
+def test_checkpoints_and_trees_from_older_gptfn_still_work(tmp_path):
+    from gptfn.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = gptfn.GPTConfig(vocab_size=13, block_size=7, n_layer=1, n_head=4, n_embd=16)
+    old_tree = {k: v for k, v in gptfn.init(cfg, seed=2).items() if k != "config"}
+    assert sorted(gptfn.tree.flatten(old_tree)) == OLD_KEYS
+    old_meta = {
+        "step": 5,
+        "model": {
+            "vocab_size": 13,
+            "block_size": 7,
+            "n_layer": 1,
+            "n_head": 4,
+            "n_embd": 16,
+            "bias": True,
+            "tie_embeddings": True,
+        },
+    }
+    save_checkpoint(tmp_path / "old.safetensors", old_tree, None, old_meta)
+    params, _, meta = load_checkpoint(tmp_path / "old.safetensors")
+    assert params["config"] == cfg and meta["model"] == cfg.to_dict()
+    toks = random_tokens(13, 2, 7)
+    torch.testing.assert_close(gptfn.forward(params, toks), gptfn.forward(old_tree, toks))
+    assert gptfn.GPTConfig.from_params(old_tree) == cfg  # a tree without config: GPT-2 shapes
+    assert gptfn.generate(old_tree, [[1, 2]], 3, temperature=0) == gptfn.generate(
+        params, [[1, 2]], 3, temperature=0
+    )
+
+
+def test_checkpoint_of_a_variant_keeps_its_architecture(tmp_path):
+    from gptfn.checkpoint import load_checkpoint, save_checkpoint
+
+    params = variant("neox")
+    save_checkpoint(tmp_path / "c.safetensors", params, None, {"step": 1})
+    loaded, _, meta = load_checkpoint(tmp_path / "c.safetensors")
+    assert meta == {"step": 1} and loaded["config"] == params["config"]
+    toks = random_tokens(13, 2, 7)
+    torch.testing.assert_close(gptfn.forward(loaded, toks), gptfn.forward(params, toks))
+
+
+def test_module_bridge_keeps_the_architecture():
+    params = variant("llama")
+    module = gptfn.GPTModule(params)
+    toks = random_tokens(13, 2, 5)
+    torch.testing.assert_close(module(toks), gptfn.forward(params, toks))
+    assert "config" not in dict(module.named_parameters())

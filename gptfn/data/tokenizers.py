@@ -224,9 +224,9 @@ def tokenizer_from_json(data: dict[str, Any]) -> Tokenizer:
     if kind == "char":
         return CharTokenizer(data["chars"])
     if kind == "bpe":
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as HFTok
 
-        return BPETokenizer(HFTokenizer.from_str(json.dumps(data["tokenizer"])))
+        return BPETokenizer(HFTok.from_str(json.dumps(data["tokenizer"])))
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "hf":
