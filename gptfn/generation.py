@@ -5,9 +5,10 @@ d_head] (grouped-query models store only their key/value heads), plus ``pad`` (l
 row) and ``length`` (slots filled, shared by all rows), both tensors. ``prefill`` and
 ``decode_step`` are one function, ``extend(params, tokens, cache) -> (logits, cache)``, which
 runs the same blocks as ``forward``; inside each block the attention step writes the new keys and
-values at slots given as a tensor (``gptfn.model.update_cache``) and attends over the whole
-buffer through a mask built from tensors, so every decode step has the same shapes (one graph
-for a compiler). Like a JAX function with donated buffers, ``extend`` writes into the cache's
+values at slots given as a tensor (``gptfn.model.update_cache``) and attends through a mask
+built from tensors. Under ``torch.compile`` the mask covers the whole buffer, so every decode
+step has the same shapes (one graph); eager code attends over the slots filled so far, which is
+cheaper. Like a JAX function with donated buffers, ``extend`` writes into the cache's
 buffers and returns the updated cache; keep using the returned one.
 
 Prompts of different lengths are left-padded; each row gets its own positions (counted from its
@@ -86,10 +87,12 @@ def extend(params: Params, tokens: Tensor, cache: Cache) -> tuple[Tensor, Cache]
     pad = cache["pad"]
     slots = start + torch.arange(n, device=tokens.device)
     positions = (slots[None, :] - pad[:, None]).clamp(min=0)
-    # mask [batch, 1, n, max_len]: a key is visible if it is not padding and not in the future
+    # mask [batch, 1, n, width]: a key is visible if it is not padding and not in the future
     # (unwritten slots are in the future); a padding query sees itself only, so no row is
-    # fully masked (no NaN anywhere)
-    key = torch.arange(max_len, device=tokens.device)[None, None, :]
+    # fully masked (no NaN anywhere). Eager code attends over the slots written so far;
+    # a compiled step over the whole buffer (one shape for every step)
+    width = max_len if torch.compiler.is_compiling() else int(start) + n
+    key = torch.arange(width, device=tokens.device)[None, None, :]
     query = slots[None, :, None]
     mask = (((key >= pad[:, None, None]) & (key <= query)) | (key == query))[:, None]
     logits = run_blocks(params, tokens, positions, mask=mask, caches=cache["layers"], slots=slots)

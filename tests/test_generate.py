@@ -176,3 +176,32 @@ def test_cache_is_static_shaped_and_holds_kv_heads_only():
     assert [layer[n].data_ptr() for layer in cache["layers"] for n in "kv"] == buffers
     with pytest.raises(ValueError, match="4 used, 7 more do not fit"):
         decode_step(params, torch.zeros(2, 7, dtype=torch.long), cache)
+
+
+def test_whole_buffer_attention_of_a_compiled_step_equals_eager(model, monkeypatch):
+    """Compiled, a step attends over the whole buffer (one shape for every step); eager, over the
+    filled slots. Both give the same logits."""
+    seq = random_tokens(53, 2, 9, 1)
+
+    def run():
+        cache = init_cache(model, 2, 12, pad=torch.tensor([0, 2]))
+        logits, cache = prefill(model, seq[:, :5], cache)
+        pieces = [logits]
+        for i in range(5, 9):
+            logits, cache = decode_step(model, seq[:, i : i + 1], cache)
+            pieces.append(logits)
+        return pieces
+
+    eager = run()
+    widths = []
+    original = gptfn.model.attention.update_cache
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(
+        gptfn.model.attention,
+        "update_cache",
+        lambda c, k, v, slots, width: widths.append(width) or original(c, k, v, slots, width),
+    )
+    whole_buffer = run()
+    assert set(widths) == {12}
+    for a, b in zip(eager, whole_buffer):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -291,3 +291,22 @@ def test_module_bridge_keeps_the_architecture():
     toks = random_tokens(13, 2, 5)
     torch.testing.assert_close(module(toks), gptfn.forward(params, toks))
     assert "config" not in dict(module.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["llama", "neox"])
+def test_remat_gives_the_same_gradients_for_variants(name):
+    params = variant(name, n_layer=2)
+    toks = random_tokens(13, 2, 6)
+
+    def grads(**kwargs):
+        return gptfn.tree.flatten(torch.func.grad(gptfn.loss)(params, toks, toks, **kwargs))
+
+    plain, rematted = grads(), grads(remat=True)
+    for path, g in plain.items():
+        torch.testing.assert_close(rematted[path], g, msg=path)
+
+
+def test_half_precision_decoding_of_a_gated_grouped_model():
+    params = gptfn.tree.cast(variant("llama"), torch.bfloat16)
+    out = gptfn.generate(params, [[1, 2, 3], [4]], 3, temperature=0)
+    assert [len(row) for row in out] == [3, 3]

@@ -59,13 +59,16 @@ def _qkv_per_head_inputs(
 
 
 def update_cache(
-    cache: dict[str, Tensor], k: Tensor, v: Tensor, slots: Tensor
+    cache: dict[str, Tensor], k: Tensor, v: Tensor, slots: Tensor, width: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Write ``k``, ``v`` [batch n kv_head d_head] into the cache buffers at ``slots`` [n]
-    (in place, like a donated buffer) and return the whole buffers to attend over."""
+    (in place, like a donated buffer) and return the buffers' first ``width`` slots (default:
+    all of them) to attend over."""
     cache["k"].index_copy_(1, slots, k.to(cache["k"].dtype))
     cache["v"].index_copy_(1, slots, v.to(cache["v"].dtype))
-    return cache["k"], cache["v"]
+    if width is None or width == cache["k"].shape[1]:
+        return cache["k"], cache["v"]
+    return cache["k"][:, :width], cache["v"][:, :width]
 
 
 def self_attention(
@@ -98,8 +101,8 @@ def self_attention(
     if rope is not None:
         q = tap(hook, a + "rot_q", apply_rotary(q, *rope))
         k = tap(hook, a + "rot_k", apply_rotary(k, *rope))
-    if cache is not None:
-        k, v = update_cache(cache, k, v, slots)  # type: ignore[arg-type]
+    if cache is not None:  # attend over as many slots as the mask covers
+        k, v = update_cache(cache, k, v, slots, None if mask is None else mask.shape[-1])  # type: ignore[arg-type]
     z = tap(hook, a + "z", attend(q, k, v, impl=impl, mask=mask, hook=hook, prefix=a))
     if wants(hook, a + "result"):
         result = tap(hook, a + "result", torch.einsum("bshk,hkd->bshd", z, p["w_o"]))
