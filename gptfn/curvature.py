@@ -47,8 +47,19 @@ def top_hessian_eigenvalues(
     f: Callable[[Tree], Tensor], params: Tree, k: int = 1, iters: int = 30, seed: int = 0
 ) -> Tensor:
     """The ``k`` largest (algebraic) eigenvalues of the Hessian of ``f`` at ``params``, by
-    ``iters`` steps of Lanczos with full reorthogonalisation (exact once iters reaches the
-    parameter count); descending."""
+    Lanczos with full reorthogonalisation.
+
+    Args:
+      f: A scalar function of the parameter tree, e.g. ``lambda p: gptfn.loss(p, x, y)``.
+      params: The point at which the Hessian is taken.
+      k: How many eigenvalues to return.
+      iters: Lanczos steps (Hessian-vector products); exact once it reaches the parameter
+        count, and usually accurate for the top few well before.
+      seed: Seeds the random starting vector.
+
+    Returns:
+      A [k] tensor in the params' dtype, descending.
+    """
     apply, n = _flat_hvp(f, params)
     dtype = optree.tree_leaves(params)[0].dtype
     gen = torch.Generator().manual_seed(seed)
@@ -76,8 +87,17 @@ def top_hessian_eigenvalues(
 def hutchinson_trace(
     f: Callable[[Tree], Tensor], params: Tree, samples: int = 100, seed: int = 0
 ) -> tuple[float, float]:
-    """Hutchinson's estimate of the Hessian trace, E[v^T H v] over Rademacher v:
-    ``(estimate, standard_error)``."""
+    """Hutchinson's estimate of the Hessian trace, E[v^T H v] over Rademacher vectors v.
+
+    Args:
+      f: A scalar function of the parameter tree.
+      params: The point at which the Hessian is taken.
+      samples: Number of random vectors (Hessian-vector products).
+      seed: Seeds the random vectors.
+
+    Returns:
+      ``(estimate, standard_error)`` as floats.
+    """
     apply, n = _flat_hvp(f, params)
     dtype = optree.tree_leaves(params)[0].dtype
     gen = torch.Generator().manual_seed(seed)

@@ -27,8 +27,19 @@ def per_example_grads(
     loss_fn: Callable[..., Tensor] = loss,
     **loss_kwargs: Any,
 ) -> tuple[Params, Tensor]:
-    """``(grads, losses)``: the gradient of each sequence's loss (leaves get a leading batch
-    axis) and the per-sequence losses, as ``vmap(grad_and_value(loss))`` over rows.
+    """The gradient of each sequence's loss, as ``vmap(grad_and_value(loss))`` over rows.
+
+    Args:
+      params: The parameter tree.
+      tokens: [batch, seq] inputs.
+      targets: [batch, seq] next tokens (-1 is ignored).
+      loss_fn: ``loss_fn(params, tokens[None], targets[None], **loss_kwargs) -> scalar``;
+        ``gptfn.loss`` by default.
+      **loss_kwargs: Passed to ``loss_fn`` (e.g. ``attention=``).
+
+    Returns:
+      ``(grads, losses)``: a tree like ``params`` whose leaves have a leading [batch] axis, and
+      the [batch] per-sequence losses.
 
     Attention runs SDPA's math backend here (chosen by ``forward`` under nested transforms):
     the fused CPU kernel's backward has no batching rule, so vmap would fall back to a slow

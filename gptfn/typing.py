@@ -1,9 +1,11 @@
 """Shape aliases and the one switch for run-time shape checking.
 
-Public functions are wrapped with :func:`checked`, which runs jaxtyping + beartype on every call
-unless checking is switched off (``gptfn.set_runtime_checks(False)`` or ``GPTFN_CHECKS=0``) or the
-call is being traced by ``torch.compile`` (jaxtyping cannot check fake tensors). Inner functions
-carry the same annotations for the reader but are not checked, so hot loops pay nothing.
+Two functions are wrapped with :func:`checked`, the model's entry points ``gptfn.model.forward``
+and ``gptfn.model.loss``: jaxtyping + beartype check their arguments on every call unless
+checking is switched off (``gptfn.set_runtime_checks(False)`` or ``GPTFN_CHECKS=0``) or the call
+is being traced by ``torch.compile`` (jaxtyping cannot check fake tensors). Everything else
+(the layers, generation's decode step, the optimizers) carries the same annotations for the
+reader but is not checked, so hot loops pay nothing.
 """
 
 from __future__ import annotations
@@ -67,4 +69,5 @@ def checked(fn: _F) -> _F:
             return typed(*args, **kwargs)
         return fn(*args, **kwargs)
 
+    wrapper.__gptfn_checked__ = True  # type: ignore[attr-defined]  # found by tests/test_typing.py
     return wrapper  # type: ignore[return-value]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import doctest
+import math
 
 import optree
 import pytest
@@ -39,7 +41,7 @@ def _run_torch(make_opt, params: dict, steps: int = 20) -> dict:
     opt = make_opt(tensors)
     for s in range(steps):
         for t, g in zip(tensors, optree.tree_leaves(_grads(s, params))):
-            t.grad = g.clone()
+            t.grad = g.to(t.dtype)
         opt.step()
     return optree.tree_unflatten(spec, [t.detach() for t in tensors])
 
@@ -179,3 +181,216 @@ def test_warmup_cosine_schedule():
     )
     with pytest.raises(ValueError, match="decay_steps"):
         optim.warmup_cosine_decay_schedule(0, 1, 10, 5, 0)
+
+
+# ----------------------------------------------------------------------------- float64 parity
+
+
+def _fp64_tree(seed: int = 0) -> dict:
+    return optree.tree_map(lambda x: x.double(), _random_tree(seed))
+
+
+def _grads64(step: int, like: dict) -> dict:
+    return optree.tree_map(lambda x: x.double(), _grads(step, like))
+
+
+def _adamw_by_formula(params: dict, steps: int, lr, b1, b2, eps, wd) -> dict:
+    """optax's adamw written out: moments, bias corrections in Python floats (float64)."""
+    leaves, spec = optree.tree_flatten(params)
+    mu = [torch.zeros_like(p) for p in leaves]
+    nu = [torch.zeros_like(p) for p in leaves]
+    for s in range(steps):
+        t = s + 1
+        grads = optree.tree_leaves(_grads64(s, params))
+        mu = [b1 * m + (1 - b1) * g for m, g in zip(mu, grads)]
+        nu = [b2 * v + (1 - b2) * g * g for v, g in zip(nu, grads)]
+        mu_hat = [m / (1 - b1**t) for m in mu]
+        nu_hat = [v / (1 - b2**t) for v in nu]
+        leaves = [
+            p - lr * (m / (v.sqrt() + eps) + wd * p) for p, m, v in zip(leaves, mu_hat, nu_hat)
+        ]
+    return optree.tree_unflatten(spec, leaves)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_float64_matches_torch_and_optax_formulas_to_1e12(fused):
+    params = _fp64_tree()
+    previous = optim.set_foreach(fused)
+    try:
+        tx = optim.adamw(1e-2, 0.9, 0.999, 1e-8, weight_decay=0.1, mask=None)
+        state = tx.init(params)
+        ours = params
+        for s in range(100):
+            updates, state = tx.update(_grads64(s, params), state, ours)
+            ours = optim.apply_updates(ours, updates)
+    finally:
+        optim.set_foreach(previous)
+    theirs = _run_torch(
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1),
+        params,
+        steps=100,
+    )
+    assert all(x.dtype == torch.float64 for x in optree.tree_leaves(theirs))
+    _assert_trees_close(ours, theirs, 1e-12)
+    _assert_trees_close(ours, _adamw_by_formula(params, 100, 1e-2, 0.9, 0.999, 1e-8, 0.1), 1e-12)
+
+
+def _sgd_by_formula(params: dict, lrs: list[float]) -> dict:
+    for s, lr in enumerate(lrs):
+        params = optree.tree_map(lambda p, g, lr=lr: p - lr * g, params, _grads64(s, params))
+    return params
+
+
+def _warmup_cosine(t: int, init: float, peak: float, warm: int, decay: int, end: float) -> float:
+    if t < warm:
+        return init + (peak - init) * t / warm
+    progress = min(max((t - warm) / (decay - warm), 0.0), 1.0)
+    return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_schedules_keep_float64_learning_rates(fused):
+    params = _fp64_tree()
+    args = (0.0, 0.1 + 3e-9, 3, 10, 0.0123456789)  # float32 would round each of these
+    lrs = [_warmup_cosine(t, *args) for t in range(12)]
+
+    def run(tx: optim.GradientTransformation, steps: int) -> dict:
+        p, state = params, tx.init(params)
+        for s in range(steps):
+            updates, state = tx.update(_grads64(s, params), state, p)
+            p = optim.apply_updates(p, updates)
+        return p
+
+    previous = optim.set_foreach(fused)
+    try:
+        cosine = run(optim.sgd(optim.warmup_cosine_decay_schedule(*args)), 12)
+        constant = run(optim.sgd(optim.constant_schedule(0.1 + 3e-9)), 3)
+    finally:
+        optim.set_foreach(previous)
+    _assert_trees_close(cosine, _sgd_by_formula(params, lrs), 1e-15)
+    _assert_trees_close(constant, _sgd_by_formula(params, [0.1 + 3e-9] * 3), 1e-15)
+    tx = optim.inject_hyperparams(optim.sgd)(
+        learning_rate=optim.warmup_cosine_decay_schedule(*args)
+    )
+    state = tx.init(params)
+    for _ in range(5):
+        _, state = tx.update(_grads64(0, params), state, params)
+    recorded = state.hyperparams["learning_rate"]
+    assert recorded.dtype == torch.float64 and float(recorded) == lrs[4]
+
+
+def test_schedules_and_bias_corrections_keep_float32_leaves_float32():
+    params = {"w": torch.ones(3, 2), "scalar": torch.ones(())}
+    for tx in (optim.sgd(optim.constant_schedule(0.1)), optim.adamw(1e-3)):
+        updates, _ = tx.update(params, tx.init(params), params)
+        assert all(u.dtype == torch.float32 for u in optree.tree_leaves(updates))
+        stacked = gptfn.tree.stack([params, params])
+        batched, _ = torch.func.vmap(tx.update)(stacked, torch.func.vmap(tx.init)(stacked), stacked)
+        assert all(u.dtype == torch.float32 for u in optree.tree_leaves(batched))
+    state = optim.inject_hyperparams(optim.sgd)(learning_rate=optim.constant_schedule(0.1)).init(
+        params
+    )
+    assert state.hyperparams["learning_rate"].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- Muon's layout
+
+
+def _paper_muon(g_out_in: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Jordan et al.'s Muon direction for a torch [out, in] weight: quintic Newton–Schulz on
+    the wide orientation, then scale by sqrt(max(1, rows / cols))."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    rows, cols = g_out_in.shape
+    x = g_out_in / (g_out_in.norm() + eps)
+    if rows > cols:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if rows > cols:
+        x = x.T
+    return x * max(1.0, rows / cols) ** 0.5
+
+
+# gptfn's layout (d = 16, 4 heads of 4, 2 key/value heads, d_mlp = 64): name -> fan-in axes
+LAYOUT = {
+    "w_q": ((16, 4, 4), 1),
+    "w_k": ((16, 2, 4), 1),  # grouped-query attention
+    "w_o": ((4, 4, 16), 2),
+    "w_in": ((16, 64), 1),
+    "w_gate": ((16, 64), 1),  # a SwiGLU gate
+    "w_out": ((64, 16), 1),
+}
+
+
+def _paper_muon_in_gptfn_layout(g: torch.Tensor, n_fan_in: int) -> torch.Tensor:
+    fan_in = math.prod(g.shape[:n_fan_in])
+    out_in = g.reshape(fan_in, -1).T  # torch's [out, in]
+    return _paper_muon(out_in).T.reshape(g.shape)
+
+
+def test_muon_scales_by_fan_out_over_fan_in_in_gptfn_layout():
+    gen = torch.Generator().manual_seed(0)
+    block = {
+        k: torch.randn(shape, generator=gen, dtype=torch.float64)
+        for k, (shape, _) in LAYOUT.items()
+    }
+    params = {"blocks": [block]}
+    grads = [optree.tree_map(lambda x: torch.randn_like(x), params) for _ in range(2)]
+    tx = optim.scale_by_muon(momentum=0.95, nesterov=True)
+    state = tx.init(params)
+    momentum = optree.tree_map(torch.zeros_like, params)
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+        momentum = optree.tree_map(lambda m, x: x + 0.95 * m, momentum, g)
+        for name, (_, n_fan_in) in LAYOUT.items():
+            direction = g["blocks"][0][name] + 0.95 * momentum["blocks"][0][name]
+            expected = _paper_muon_in_gptfn_layout(direction, n_fan_in)
+            torch.testing.assert_close(
+                updates["blocks"][0][name], expected, atol=1e-12, rtol=1e-12, msg=name
+            )
+    assert optim.leading_fan_in_axes("w_o", params["blocks"][0]["w_o"]) == (0, 1)
+
+
+def test_fan_in_rule_reads_every_attention_shape_in_gptfn_layout():
+    for d in range(1, 25):
+        for heads in range(1, d + 1):
+            for d_head in range(1, d + 1):
+                w_q = torch.empty(d, heads, d_head, device="meta")  # w_k, w_v and GQA alike
+                assert math.prod(w_q.shape[a] for a in optim.leading_fan_in_axes("", w_q)) == d
+                w_o = torch.empty(heads, d_head, d, device="meta")
+                fan_in = math.prod(w_o.shape[a] for a in optim.leading_fan_in_axes("", w_o))
+                assert fan_in == heads * d_head or heads == d, (heads, d_head, d)
+
+
+def test_muon_fan_in_rule_is_overridable_and_checked():
+    gen = torch.Generator().manual_seed(1)
+    out_in = {"w": torch.randn(64, 16, generator=gen, dtype=torch.float64)}  # torch's layout
+    tx = optim.scale_by_muon(nesterov=False, fan_in_axes=lambda path, leaf: (1,))
+    updates, _ = tx.update(out_in, tx.init(out_in))
+    torch.testing.assert_close(updates["w"], _paper_muon(out_in["w"]), atol=1e-12, rtol=1e-12)
+    for bad in [(), (0, 1), (2,), (0, 0)]:
+        tx = optim.scale_by_muon(fan_in_axes=lambda path, leaf, bad=bad: bad)
+        with pytest.raises(ValueError, match=r"fan_in_axes gave .* for w of shape \(64, 16\)"):
+            tx.update(out_in, tx.init(out_in))
+    with pytest.raises(ValueError, match="needs a >=2-D leaf"):
+        tx = optim.scale_by_muon()
+        tx.update({"b": torch.ones(3)}, tx.init({"b": torch.ones(3)}))
+
+
+def test_newton_schulz_eps_is_exposed():
+    g = {"w": torch.eye(4, 2, dtype=torch.float64) * 1e-3}  # fan-in 4, fan-out 2: scale 1
+    results = []
+    for eps in (1e-7, 1.0):
+        tx = optim.scale_by_muon(nesterov=False, eps=eps)
+        results.append(tx.update(g, tx.init(g))[0]["w"])
+        torch.testing.assert_close(results[-1], _paper_muon(g["w"].T, eps=eps).T)
+        mu = optim.muon(1.0, nesterov=False, eps=eps, muon_mask=lambda path, leaf: True)
+        torch.testing.assert_close(mu.update(g, mu.init(g), g)[0]["w"], -results[-1])
+    assert not torch.allclose(results[0], results[1])
+
+
+def test_optimizer_docstring_examples_run():
+    for module in (optim.aliases, optim.schedules, optim.hyperparams):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -29,7 +29,6 @@ def test_gpt_module_state_dict_and_functional_call():
     params = gptfn.init(CFG, seed=0)
     module = gptfn.GPTModule(params)
     assert sorted(module.state_dict()) == sorted(gptfn.tree.flatten(params))
-    assert module.blocks[1].attn.w_q.data_ptr() == params["blocks"][1]["attn"]["w_q"].data_ptr()
     tokens, _ = _batch(0)
     other = gptfn.init(CFG, seed=1)
     out = torch.func.functional_call(module, gptfn.tree.flatten(other), (tokens,))
@@ -42,9 +41,29 @@ def test_gpt_module_state_dict_and_functional_call():
     )
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_torch_optim_on_module_leaves_the_tree_unless_shared(share):
+    params = gptfn.init(CFG, seed=0)
+    before = optree.tree_map(torch.clone, params)
+    module = gptfn.GPTModule(params, share=share)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    gptfn.loss(module.to_params(), *_batch(0)).backward()
+    opt.step()
+    moved = module.blocks[1].attn.w_q
+    assert not torch.equal(moved, before["blocks"][1]["attn"]["w_q"])
+    aliased = moved.data_ptr() == params["blocks"][1]["attn"]["w_q"].data_ptr()
+    unchanged = [
+        torch.equal(a, b) for a, b in zip(gptfn.tree.leaves(params), gptfn.tree.leaves(before))
+    ]
+    if share:  # the module's parameters are the tree's tensors: the step rewrote the tree
+        assert aliased and not all(unchanged)
+    else:  # copies, as load_state_dict makes: the caller's tree is as it was
+        assert not aliased and all(unchanged)
+
+
 def test_torch_optim_on_module_matches_gptfn_optim():
     params = gptfn.init(CFG, seed=0)
-    module = gptfn.GPTModule(optree.tree_map(torch.clone, params))
+    module = gptfn.GPTModule(params)  # a copy: gptfn's steps below start from the same tree
     opt = torch.optim.AdamW(module.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     tx = optim.adamw(3e-3, 0.9, 0.95, weight_decay=0.1, mask=None)
     step = gptfn.make_train_step(tx)

@@ -1,4 +1,9 @@
-"""Ready-made optimizers built from the transforms, with optax's argument names."""
+"""Ready-made optimizers built from the transforms, with optax's argument names.
+
+Where gptfn deliberately differs from optax, the docstring says so: ``adamw`` and ``lion``
+decay only >=2-D leaves by default (nanoGPT's groups; optax decays every leaf unless masked),
+and ``muon``'s momentum is torch-style ``g + beta * m``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from torch import Tensor
 from gptfn.optim.base import GradientTransformation, Scalar, Schedule
 from gptfn.optim.combine import MaskSpec, chain, masked
 from gptfn.optim.transforms import (
+    FanInAxes,
     add_decayed_weights,
+    leading_fan_in_axes,
     scale_by_adam,
     scale_by_learning_rate,
     scale_by_lion,
@@ -36,10 +43,34 @@ def _chain(*parts: GradientTransformation | None) -> GradientTransformation:
     return chain(*(p for p in parts if p is not None))
 
 
+def _decay(weight_decay: Scalar, mask: MaskSpec | None) -> GradientTransformation:
+    decay = add_decayed_weights(weight_decay)
+    return decay if mask is None else masked(decay, mask)
+
+
 def sgd(
     learning_rate: LR, momentum: float | None = None, nesterov: bool = False
 ) -> GradientTransformation:
-    """Stochastic gradient descent, optionally with (Nesterov) momentum."""
+    """Stochastic gradient descent, optionally with (Nesterov) momentum; equals
+    ``torch.optim.SGD`` with ``dampening=0``.
+
+    Args:
+      learning_rate: A number, or a schedule of the step count.
+      momentum: Momentum decay (``m = g + momentum * m``); None or 0 for none.
+      nesterov: Step along ``g + momentum * m`` instead of ``m``.
+
+    Returns:
+      A ``GradientTransformation``.
+
+    Examples:
+      >>> import torch
+      >>> from gptfn.optim import apply_updates, sgd
+      >>> params = {"w": torch.ones(2)}
+      >>> tx = sgd(0.1, momentum=0.9)
+      >>> updates, state = tx.update({"w": torch.ones(2)}, tx.init(params), params)
+      >>> apply_updates(params, updates)
+      {'w': tensor([0.9000, 0.9000])}
+    """
     return _chain(
         trace(momentum, nesterov) if momentum else None, scale_by_learning_rate(learning_rate)
     )
@@ -53,14 +84,37 @@ def adamw(
     weight_decay: Scalar = 1e-4,
     mask: MaskSpec | None = matrices,
 ) -> GradientTransformation:
-    """Adam with decoupled weight decay (Loshchilov & Hutter), decaying ``mask``'d leaves only
-    (every leaf when ``mask`` is None); matches ``torch.optim.AdamW``."""
-    decay = add_decayed_weights(weight_decay)
-    return _chain(
-        scale_by_adam(b1, b2, eps),
-        decay if mask is None else masked(decay, mask),
-        scale_by_learning_rate(learning_rate),
-    )
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019); equals
+    ``torch.optim.AdamW`` (float64: to 1e-12 over 100 steps) when every leaf is decayed.
+
+    Differs from optax on purpose: by default only >=2-D leaves (``matrices``) are decayed,
+    not biases and norm scales, as nanoGPT groups them; ``mask=None`` decays every leaf
+    (optax's and torch's default).
+
+    Args:
+      learning_rate: A number, or a schedule of the step count.
+      b1: Decay rate of the first-moment average.
+      b2: Decay rate of the second-moment average.
+      eps: Added to the root of the second moment.
+      weight_decay: Decoupled decay rate; the step is ``-lr * (adam + weight_decay * p)``.
+      mask: Which leaves to decay: a predicate ``(path, leaf) -> bool``, a boolean tree, or
+        None for all.
+
+    Returns:
+      A ``GradientTransformation``.
+
+    Examples:
+      >>> import torch
+      >>> from gptfn.optim import adamw, apply_updates
+      >>> params = {"w": torch.ones(2, 2), "b": torch.ones(2)}
+      >>> tx = adamw(1e-2, weight_decay=0.1)
+      >>> grads = {"w": torch.ones(2, 2), "b": torch.ones(2)}
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> round(updates["w"][0, 0].item(), 6), round(updates["b"][0].item(), 6)  # b: no decay
+      (-0.011, -0.01)
+    """
+    adam = scale_by_adam(b1, b2, eps)
+    return _chain(adam, _decay(weight_decay, mask), scale_by_learning_rate(learning_rate))
 
 
 def lion(
@@ -70,12 +124,21 @@ def lion(
     weight_decay: Scalar = 1e-3,
     mask: MaskSpec | None = matrices,
 ) -> GradientTransformation:
-    """Lion: sign updates with decoupled weight decay (use a ~3-10x smaller lr than AdamW)."""
-    decay = add_decayed_weights(weight_decay)
+    """Lion (Chen et al., 2023): sign updates with decoupled weight decay; use a ~3-10x smaller
+    learning rate than AdamW. Like ``adamw``, decays only ``mask``'d leaves (default >=2-D).
+
+    Args:
+      learning_rate: A number, or a schedule of the step count.
+      b1: Interpolation between momentum and gradient for the update's sign.
+      b2: Decay rate of the momentum.
+      weight_decay: Decoupled decay rate.
+      mask: Which leaves to decay (as in ``adamw``); None for all.
+
+    Returns:
+      A ``GradientTransformation``.
+    """
     return _chain(
-        scale_by_lion(b1, b2),
-        decay if mask is None else masked(decay, mask),
-        scale_by_learning_rate(learning_rate),
+        scale_by_lion(b1, b2), _decay(weight_decay, mask), scale_by_learning_rate(learning_rate)
     )
 
 
@@ -89,18 +152,58 @@ def muon(
     b2: float = 0.95,
     weight_decay: float = 0.0,
     muon_mask: MaskSpec = hidden_matrices,
+    eps: float = 1e-7,
+    adam_eps: float = 1e-8,
+    fan_in_axes: FanInAxes = leading_fan_in_axes,
 ) -> GradientTransformation:
-    """Muon on hidden matrices (``muon_mask``), AdamW on everything else."""
+    """Muon (Jordan et al., 2024) on hidden matrices, AdamW on everything else.
 
-    def rest(path: str, leaf: Any) -> bool:
-        return not muon_mask(path, leaf) if callable(muon_mask) else False
+    The ``muon_mask``'d leaves get momentum, Newton–Schulz orthogonalisation and the shape
+    scale ``sqrt(max(1, fan_out / fan_in))`` (see ``scale_by_muon``; the fan-in axes follow
+    gptfn's [in, out] layout, 3-D attention weights included), then ``-learning_rate``. The rest
+    (embeddings, biases, norms) get AdamW with ``adam_learning_rate``. Differs from optax's
+    ``muon``: the momentum is torch-style ``g + momentum * m`` (equivalent after the
+    normalisation; see ``scale_by_muon``).
 
+    Args:
+      learning_rate: Muon's learning rate (number or schedule).
+      momentum: Muon's momentum decay.
+      nesterov: Orthogonalise the Nesterov direction ``g + momentum * m``.
+      ns_steps: Newton–Schulz iterations.
+      adam_learning_rate: AdamW's learning rate for the other leaves.
+      b1: AdamW's first-moment decay.
+      b2: AdamW's second-moment decay.
+      weight_decay: Decoupled weight decay on both parts (AdamW's on its >=2-D leaves only).
+      muon_mask: Predicate ``(path, leaf) -> bool`` choosing Muon's leaves.
+      eps: Newton–Schulz's guard against a zero norm.
+      adam_eps: AdamW's epsilon.
+      fan_in_axes: ``(path, leaf) -> fan-in axes`` for Muon's shape scale; the default is
+        gptfn's layout (``leading_fan_in_axes``).
+
+    Returns:
+      A ``GradientTransformation``.
+
+    Examples:
+      >>> import torch
+      >>> from gptfn.optim import muon
+      >>> g = torch.Generator().manual_seed(0)
+      >>> params = {"wte": torch.randn(10, 4, generator=g), "w_in": torch.randn(4, 16, generator=g)}
+      >>> tx = muon(0.02, adam_learning_rate=1e-3, muon_mask=lambda path, leaf: path == "w_in")
+      >>> updates, state = tx.update(params, tx.init(params), params)
+      >>> s = torch.linalg.svdvals(updates["w_in"] / -0.02)  # fan-in 4, fan-out 16: scale 2
+      >>> bool((s > 2 * 0.6).all() and (s < 2 * 1.3).all())
+      True
+    """
     if not callable(muon_mask):
         raise TypeError("muon_mask must be a predicate (path, leaf) -> bool")
+
+    def rest(path: str, leaf: Any) -> bool:
+        return not muon_mask(path, leaf)
+
     on_matrices = _chain(
-        scale_by_muon(momentum, nesterov, ns_steps),
+        scale_by_muon(momentum, nesterov, ns_steps, eps, fan_in_axes),
         add_decayed_weights(weight_decay) if weight_decay else None,
         scale_by_learning_rate(learning_rate),
     )
-    on_rest = adamw(adam_learning_rate, b1, b2, weight_decay=weight_decay, mask=matrices)
+    on_rest = adamw(adam_learning_rate, b1, b2, adam_eps, weight_decay=weight_decay, mask=matrices)
     return chain(masked(on_matrices, muon_mask), masked(on_rest, rest))

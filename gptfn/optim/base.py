@@ -8,6 +8,10 @@ Leaf arithmetic goes through :func:`leaf_ops`: in eager code it uses the fused
 hyper-parameter requires grad, or while ``torch.compile`` traces, it runs leaf by leaf: the
 foreach ops have no batching rule, fail when differentiated with respect to a tensor learning
 rate, and their scalar arguments would break a compiled graph. Both paths give equal numbers.
+
+Scalars that the optimizer computes itself (Adam's bias corrections, schedule values) are
+computed in float64 (:func:`scalar_dtype`), whatever the params' dtype, and enter each leaf's
+arithmetic in that leaf's dtype: float32 params get float32 updates, float64 params lose nothing.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ __all__ = [
     "leaf_ops",
     "set_foreach",
     "LeafOps",
+    "scalar_dtype",
 ]
 
 Tree = Any
 Scalar = float | Tensor
 Schedule = Callable[[Tensor], Tensor]
-"""A function of the 0-d step count (a tensor) returning a 0-d value."""
+"""A function of the 0-d step count (a tensor) returning a 0-d tensor; gptfn's schedules return
+float64, and their consumers cast the value to the params' dtype."""
 
 
 class _Init(Protocol):
@@ -63,6 +69,12 @@ def set_foreach(enabled: bool) -> bool:
     return previous
 
 
+def scalar_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype of scalars the optimizer computes (bias corrections, schedules): float64,
+    the widest float, except on Apple's MPS, which has none (float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def _traced(*values: Any) -> bool:
     if torch._C._functorch.maybe_current_level() is not None:
         return True
@@ -79,17 +91,23 @@ class LeafOps:
     def _num(s: Scalar) -> Scalar:
         return s.item() if isinstance(s, Tensor) else s
 
+    @staticmethod
+    def _like(s: Scalar, x: Tensor) -> Scalar:
+        """A tensor scalar in ``x``'s dtype (a float64 schedule value must not promote a
+        batched float32 leaf under ``vmap``); numbers pass through."""
+        return s.to(x.dtype) if isinstance(s, Tensor) and s.dtype != x.dtype else s
+
     def add(self, xs: list[Tensor], ys: list[Tensor], alpha: Scalar = 1.0) -> list[Tensor]:
         """xs + alpha * ys."""
         if self.fused and xs:
             return torch._foreach_add(xs, ys, alpha=self._num(alpha))
-        return [x + alpha * y for x, y in zip(xs, ys)]
+        return [x + self._like(alpha, y) * y for x, y in zip(xs, ys)]
 
     def scale(self, xs: list[Tensor], s: Scalar) -> list[Tensor]:
         """s * xs for a scalar s."""
         if self.fused and xs:
             return torch._foreach_mul(xs, self._num(s))
-        return [x * s for x in xs]
+        return [x * self._like(s, x) for x in xs]
 
     def mul(self, xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
         """Elementwise xs * ys."""
@@ -101,7 +119,7 @@ class LeafOps:
         """xs + weight * (ys - xs): an exponential moving average step."""
         if self.fused and xs:
             return torch._foreach_lerp(xs, ys, self._num(weight))
-        return [x + weight * (y - x) for x, y in zip(xs, ys)]
+        return [x + self._like(weight, x) * (y - x) for x, y in zip(xs, ys)]
 
     def lerp_square(self, xs: list[Tensor], ys: list[Tensor], weight: Scalar) -> list[Tensor]:
         """xs + weight * (ys**2 - xs): a moving average of squares."""
@@ -109,7 +127,7 @@ class LeafOps:
             out = torch._foreach_mul(xs, 1 - self._num(weight))  # a fresh tensor: ours to update
             torch._foreach_addcmul_(out, ys, ys, self._num(weight))
             return out
-        return [x + weight * (y * y - x) for x, y in zip(xs, ys)]
+        return [x + self._like(weight, x) * (y * y - x) for x, y in zip(xs, ys)]
 
     def adam_direction(
         self, mu: list[Tensor], nu: list[Tensor], c1: Scalar, c2: Scalar, eps: Scalar
@@ -122,7 +140,8 @@ class LeafOps:
             out = torch._foreach_div(mu, denom)
             torch._foreach_div_(out, self._num(c1))
             return out
-        return [(m / c1) / ((v / c2).sqrt() + eps) for m, v in zip(mu, nu)]
+        like = self._like
+        return [(m / like(c1, m)) / ((v / like(c2, v)).sqrt() + eps) for m, v in zip(mu, nu)]
 
     def sign(self, xs: list[Tensor]) -> list[Tensor]:
         """Elementwise sign."""

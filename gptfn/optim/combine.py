@@ -50,6 +50,13 @@ def masked(inner: GradientTransformation, mask: MaskSpec) -> GradientTransformat
     ``inner`` sees (and its state holds) a flat ``{"dotted.path": leaf}`` dict of the chosen
     leaves, so masked state checkpoints under the same paths as the params. The selection is
     computed once per tree structure and leaf shapes, then reused.
+
+    Args:
+      inner: The transform to apply to the chosen leaves.
+      mask: A predicate ``(dotted_path, leaf) -> bool`` or a boolean tree shaped like the params.
+
+    Returns:
+      A ``GradientTransformation`` whose state is ``inner``'s over the chosen leaves.
     """
     selections: dict[Any, list[tuple[int, str]]] = {}
 

@@ -34,16 +34,35 @@ def _is_numeric(value: Any) -> bool:
     return isinstance(value, (int, float, Tensor)) and not isinstance(value, bool)
 
 
+def _float_dtype(tree: Tree) -> torch.dtype:
+    """The dtype of the tree's first floating leaf (float32 when it has none)."""
+    floats = [x for x in optree.tree_leaves(tree) if x.is_floating_point()]
+    return floats[0].dtype if floats else torch.float32
+
+
 def inject_hyperparams(
     factory: Callable[..., GradientTransformation],
 ) -> Callable[..., GradientTransformation]:
-    """Wrap an optimizer factory (``gptfn.optim.adamw``, ...) so that its numeric keyword
-    arguments live in the state as tensors. Schedules (callables of the step count) are
-    evaluated each update and their current value recorded; other arguments (masks, flags) are
-    passed through unchanged.
+    """Wrap an optimizer factory so that its numeric keyword arguments live in the state.
 
-        tx = inject_hyperparams(adamw)(learning_rate=1e-3, weight_decay=0.1)
-        state = tx.init(params); state.hyperparams["learning_rate"]  # tensor(0.0010)
+    Numbers become 0-d tensors in the params' dtype (float64 params: a float64 learning rate).
+    Schedules (callables of the step count) are evaluated each update and their current value
+    recorded, cast to that dtype too. Other arguments (masks, flags) pass through unchanged.
+
+    Args:
+      factory: An optimizer factory taking keyword arguments, e.g. ``gptfn.optim.adamw``.
+
+    Returns:
+      A function of the factory's keyword arguments returning a ``GradientTransformation``
+      whose state is an :class:`InjectHyperparamsState`.
+
+    Examples:
+      >>> import torch
+      >>> from gptfn.optim import adamw, inject_hyperparams
+      >>> tx = inject_hyperparams(adamw)(learning_rate=1e-3, weight_decay=0.1)
+      >>> state = tx.init({"w": torch.zeros(2, 2, dtype=torch.float64)})
+      >>> state.hyperparams["learning_rate"]
+      tensor(0.0010, dtype=torch.float64)
     """
 
     def make(**hyperparams: Any) -> GradientTransformation:
@@ -51,20 +70,19 @@ def inject_hyperparams(
         schedules = {k: v for k, v in hyperparams.items() if callable(v)}
         static = {k: v for k, v in hyperparams.items() if k not in numeric and k not in schedules}
 
-        def current(values: dict[str, Tensor], count: Tensor) -> dict[str, Tensor]:
-            return {**values, **{k: fn(count) for k, fn in schedules.items()}}
+        def current(values: dict[str, Tensor], count: Tensor, dtype: torch.dtype):
+            return {**values, **{k: fn(count).to(dtype) for k, fn in schedules.items()}}
 
         def init(params: Tree) -> InjectHyperparamsState:
             count = torch.zeros((), dtype=torch.int64)
-            floats = [x for x in optree.tree_leaves(params) if x.is_floating_point()]
-            dtype = floats[0].dtype if floats else torch.float32  # float64 params: float64 lr
-            values = current(
-                {k: torch.as_tensor(v, dtype=dtype) for k, v in numeric.items()}, count
-            )
+            dtype = _float_dtype(params)
+            values = {k: torch.as_tensor(v, dtype=dtype) for k, v in numeric.items()}
+            values = current(values, count, dtype)
             return InjectHyperparamsState(count, values, factory(**static, **values).init(params))
 
         def update(updates: Tree, state: InjectHyperparamsState, params: Tree | None = None):
-            values = current(state.hyperparams, state.count)
+            dtype = _float_dtype(updates if params is None else params)
+            values = current(state.hyperparams, state.count, dtype)
             updates, inner = factory(**static, **values).update(updates, state.inner_state, params)
             return updates, InjectHyperparamsState(state.count + 1, values, inner)
 

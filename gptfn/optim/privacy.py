@@ -27,9 +27,17 @@ def differentially_private_aggregate(
 ) -> GradientTransformation:
     """Per-example gradients (leaves with a leading example axis) in, one private gradient out:
     clip each example's whole-tree gradient to norm ``l2_norm_clip``, sum, add Gaussian noise of
-    std ``noise_multiplier * l2_norm_clip`` to every entry, divide by the batch size. The noise
-    draws from a generator seeded with ``(seed, step)``: reproducible and never reused.
-    Chain it before an optimizer: ``chain(differentially_private_aggregate(1.0, 1.1), adamw(...))``.
+    std ``noise_multiplier * l2_norm_clip`` to every entry, divide by the batch size.
+
+    Args:
+      l2_norm_clip: The largest L2 norm one example's gradient may contribute (> 0).
+      noise_multiplier: Noise std relative to ``l2_norm_clip`` (>= 0; 0 for no noise).
+      seed: With the step count, seeds the noise generator (CPU, then moved to the leaves'
+        device): reproducible and never reused across steps.
+
+    Returns:
+      A ``GradientTransformation`` whose state is ``{"count"}``; chain it before an optimizer:
+      ``chain(differentially_private_aggregate(1.0, 1.1), adamw(1e-3))``.
     """
     if l2_norm_clip <= 0 or noise_multiplier < 0:
         raise ValueError("need l2_norm_clip > 0 and noise_multiplier >= 0")

@@ -1,4 +1,10 @@
-"""Learning-rate schedules: functions of the 0-d step-count tensor, so they trace and batch."""
+"""Learning-rate schedules: functions of the 0-d step-count tensor, so they trace and batch.
+
+A schedule computes in float64 (:func:`gptfn.optim.base.scalar_dtype`) on the count's device
+and returns a float64 0-d tensor; its consumer casts it to the params' dtype
+(``scale_by_schedule`` per leaf, ``inject_hyperparams`` in the state). So float64 params get a
+float64 learning rate, not one rounded to float32, and float32 params lose nothing either.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +13,48 @@ import math
 import torch
 from torch import Tensor
 
-from gptfn.optim.base import Schedule
+from gptfn.optim.base import Schedule, scalar_dtype
 
 __all__ = ["constant_schedule", "warmup_cosine_decay_schedule"]
 
 
-def constant_schedule(value: float) -> Schedule:
-    """Always ``value``."""
-    return lambda count: torch.full((), value, dtype=torch.float32)
+def constant_schedule(value: float | Tensor) -> Schedule:
+    """Always ``value`` (a number, or a tensor: then gradients flow to it)."""
+
+    def schedule(count: Tensor) -> Tensor:
+        return torch.as_tensor(value, dtype=scalar_dtype(count.device), device=count.device)
+
+    return schedule
 
 
 def warmup_cosine_decay_schedule(
     init_value: float, peak_value: float, warmup_steps: int, decay_steps: int, end_value: float
 ) -> Schedule:
-    """Linear warm-up from ``init_value`` to ``peak_value`` over ``warmup_steps``, then cosine
-    decay to ``end_value`` at ``decay_steps`` (counted from 0, warm-up included), flat after."""
+    """Linear warm-up, then cosine decay, then flat (optax's schedule of the same name).
+
+    Args:
+      init_value: The value at count 0.
+      peak_value: The value at the end of warm-up, count ``warmup_steps``.
+      warmup_steps: Steps of linear warm-up from ``init_value`` to ``peak_value``.
+      decay_steps: The count at which the cosine reaches ``end_value`` (counted from 0, warm-up
+        included, as in optax); must be >= ``warmup_steps``.
+      end_value: The value from ``decay_steps`` on.
+
+    Returns:
+      A schedule ``count -> value`` (float64 0-d tensor).
+
+    Examples:
+      >>> import torch
+      >>> from gptfn.optim import warmup_cosine_decay_schedule
+      >>> lr = warmup_cosine_decay_schedule(0.0, 1e-3, 10, 110, 1e-4)
+      >>> [round(float(lr(torch.tensor(t))), 8) for t in (0, 5, 10, 60, 110, 500)]
+      [0.0, 0.0005, 0.001, 0.00055, 0.0001, 0.0001]
+    """
     if decay_steps < warmup_steps:
         raise ValueError(f"decay_steps ({decay_steps}) must be >= warmup_steps ({warmup_steps})")
 
     def schedule(count: Tensor) -> Tensor:
-        step = count.to(torch.float32)
+        step = count.to(scalar_dtype(count.device))
         warm = init_value + (peak_value - init_value) * step / max(warmup_steps, 1)
         progress = ((step - warmup_steps) / max(decay_steps - warmup_steps, 1)).clamp(0.0, 1.0)
         cosine = end_value + 0.5 * (peak_value - end_value) * (1 + torch.cos(math.pi * progress))

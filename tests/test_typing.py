@@ -1,0 +1,29 @@
+"""typing.py's docstring names exactly the functions that ``checked`` wraps."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import re
+
+import gptfn
+
+
+def _checked_functions() -> set[str]:
+    found = set()
+    for info in pkgutil.walk_packages(gptfn.__path__, "gptfn."):
+        if info.name == "gptfn.__main__":  # running it would start the CLI
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if getattr(value, "__gptfn_checked__", False) and value.__module__ == info.name:
+                found.add(f"{info.name}.{name}")
+    return found
+
+
+def test_typing_docstring_names_the_checked_functions():
+    first_paragraph = inspect.getdoc(gptfn.typing).split("\n\n")[1]
+    documented = set(re.findall(r"``(gptfn(?:\.\w+)+)``", first_paragraph))
+    assert documented == _checked_functions()
+    assert documented  # the claim is about something
