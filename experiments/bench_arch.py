@@ -107,23 +107,26 @@ def main() -> None:
     )
     print("| what | model | tokens | before ms | now ms | now / before | median of paired ratios |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
-    cases = [
-        ("forward", 4, 128, 32, 128),
-        ("forward", 12, 768, 1, 64),
-        ("train step", 4, 128, 32, 128),
+    cases = [  # (what, layers, width, heads, batch, seq); the tiny ones show fixed overhead
+        ("forward", 4, 128, 4, 32, 128),
+        ("forward", 12, 768, 12, 1, 64),
+        ("forward", 2, 16, 2, 1, 8),
+        ("train step", 4, 128, 4, 32, 128),
+        ("train step", 2, 16, 2, 1, 8),
     ]
-    for what, n_layer, width, batch, seq in cases:
-        cfg = gptfn.GPTConfig(75, max(seq, 128), n_layer, 4 if width == 128 else 12, width)
+    for what, n_layer, width, heads, batch, seq in cases:
+        cfg = gptfn.GPTConfig(75, max(seq, 128), n_layer, heads, width)
         params = gptfn.init(cfg, seed=0)
         old_params = {k: v for k, v in params.items() if k != "config"}  # as the old init made
         toks = torch.randint(0, 75, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
         x, y = toks[:, :-1], toks[:, 1:]
+        repeats = args.repeats * (10 if width < 128 else 1)  # tiny: more rounds, same time
         if what == "forward":
             with torch.no_grad():
                 med = interleaved(
                     {"before": lambda: before.forward(old_params, x),
                      "now": lambda: gptfn.forward(params, x)},
-                    args.repeats,
+                    repeats,
                 )  # fmt: skip
         else:
             tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3, weight_decay=0.1))
@@ -136,7 +139,7 @@ def main() -> None:
             med = interleaved(
                 {"before": lambda: old_step(old_params, old_state, (x, y)),
                  "now": lambda: new_step(params, new_state, (x, y))},
-                args.repeats,
+                repeats,
             )  # fmt: skip
         print(
             f"| {what} | {n_layer} x {width} | {batch} x {seq} | {med['before'] * 1e3:.2f} | "

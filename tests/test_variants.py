@@ -310,3 +310,13 @@ def test_half_precision_decoding_of_a_gated_grouped_model():
     params = gptfn.tree.cast(variant("llama"), torch.bfloat16)
     out = gptfn.generate(params, [[1, 2, 3], [4]], 3, temperature=0)
     assert [len(row) for row in out] == [3, 3]
+
+
+@pytest.mark.parametrize("bias, tied", [(True, True), (False, False)])
+def test_trees_without_config_are_read_as_gpt2_from_their_shapes(bias, tied):
+    cfg = gptfn.GPTConfig(13, 7, 2, 4, 16, bias=bias, tie_embeddings=tied, d_mlp=24)
+    bare = {k: v for k, v in gptfn.init(cfg).items() if k != "config"}
+    assert gptfn.GPTConfig.from_params(bare) == cfg
+    rotary = {k: v for k, v in variant("rotary").items() if k not in ("config", "wpe")}
+    with pytest.raises(ValueError, match=r"no 'config' and no \['wpe'\].*params\['config'\]"):
+        gptfn.GPTConfig.from_params(rotary)
