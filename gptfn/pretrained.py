@@ -84,8 +84,8 @@ def _weight_files(folder: Path) -> list[Path]:
         f"{folder} has no safetensors weights (model.safetensors or model.safetensors.index.json): "
         f"{found}. gptfn never unpickles: loading a pickle can run arbitrary code. Convert once, "
         'in an environment you trust: python -c "from transformers import AutoModelForCausalLM; '
-        f"AutoModelForCausalLM.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\""
-        " and load the new folder."
+        f"AutoModelForCausalLM.from_pretrained('{folder}')"
+        f".save_pretrained('{folder}-safetensors')\" and load the new folder."
     )
 
 

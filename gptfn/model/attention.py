@@ -102,7 +102,8 @@ def self_attention(
         q = tap(hook, a + "rot_q", apply_rotary(q, *rope))
         k = tap(hook, a + "rot_k", apply_rotary(k, *rope))
     if cache is not None:  # attend over as many slots as the mask covers
-        k, v = update_cache(cache, k, v, slots, None if mask is None else mask.shape[-1])  # type: ignore[arg-type]
+        width = None if mask is None else mask.shape[-1]
+        k, v = update_cache(cache, k, v, slots, width)  # type: ignore[arg-type]
     z = tap(hook, a + "z", attend(q, k, v, impl=impl, mask=mask, hook=hook, prefix=a))
     if wants(hook, a + "result"):
         result = tap(hook, a + "result", torch.einsum("bshk,hkd->bshd", z, p["w_o"]))
