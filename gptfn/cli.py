@@ -104,7 +104,7 @@ def _print_samples(
     stream: bool,
 ) -> None:
     from gptfn.checkpoint import load_run
-    from gptfn.generate import generate, generate_stream
+    from gptfn.generation import generate, generate_stream
 
     params, tok, _ = load_run(run)
     ids = [tok.encode(p) for p in prompts]
