@@ -14,7 +14,7 @@ import time
 import torch
 
 import gptfn
-from gptfn.generate import decode_step, generate, init_cache, prefill
+from gptfn.generation import decode_step, generate, init_cache, prefill
 
 
 def timed(fn) -> float:

@@ -92,16 +92,25 @@ def branchy_forward(params, toks):
     return logits * 2 if float(params["wte"].sum()) > 0 else logits
 
 
-def small_models():
+def small_models():  # the broken functions above are GPT-2 code: draw GPT-2 architectures
     return models(
         configs(
-            vocab_size=(2, 12), block_size=(1, 8), n_layer=(1, 1), n_head=(1, 2), head_size=(1, 4)
+            vocab_size=(2, 12),
+            block_size=(1, 8),
+            n_layer=(1, 1),
+            n_head=(1, 2),
+            head_size=(1, 4),
+            architectures=False,
         )
     )
 
 
 def grad_models():
-    return models(configs(block_size=(2, 4), n_layer=(1, 1), n_head=(1, 1), head_size=(2, 4)))
+    return models(
+        configs(
+            block_size=(2, 4), n_layer=(1, 1), n_head=(1, 1), head_size=(2, 4), architectures=False
+        )
+    )
 
 
 def check_leaky_mask(model, data):

@@ -2,10 +2,11 @@
 
 ``import gptfn`` imports every public subpackage, so ``gptfn.optim``, ``gptfn.tree``,
 ``gptfn.data``, ``gptfn.inspect``, ``gptfn.curvature``, ``gptfn.evaluate``, ``gptfn.checkpoint``,
-``gptfn.interop``, ... work without an import of their own, and re-exports the names most code
-needs (below, in ``__all__``). ``gptfn.testing`` is the exception: it imports ``hypothesis``, a
-dev extra, so it is loaded on first access (a module ``__getattr__``), not by ``import gptfn``;
-without hypothesis installed that access raises an ``ImportError`` that says what to install.
+``gptfn.families``, ``gptfn.generation``, ``gptfn.pretrained``, ... work without an import of
+their own, and re-exports the names most code needs (below, in ``__all__``). ``gptfn.testing``
+is the exception: it imports ``hypothesis``, a dev extra, so it is loaded on first access (a
+module ``__getattr__``), not by ``import gptfn``; without hypothesis installed that access
+raises an ``ImportError`` that says what to install.
 The CLI (``gptfn.cli``) sits above the library and is not imported here.
 """
 
@@ -20,13 +21,15 @@ from gptfn import (
     data,
     distributed,
     evaluate,
+    families,
     files,
+    generation,
     inspect,
-    interop,
     model,
     module,
     optim,
     plot,
+    pretrained,
     remat,
     train,
     transforms,
@@ -35,11 +38,12 @@ from gptfn import (
 )
 from gptfn.checkpoint import load_run
 from gptfn.curvature import hutchinson_trace, hvp, top_hessian_eigenvalues
-from gptfn.generate import generate, generate_stream
+from gptfn.families import from_hf, from_hf_gpt2, to_hf, to_hf_gpt2
+from gptfn.generation import generate, generate_stream
 from gptfn.inspect import activation_names, logit_lens, run_with_cache, run_with_patches
-from gptfn.interop import from_hf_gpt2, to_hf_gpt2
 from gptfn.model import GPTConfig, forward, init, loss
 from gptfn.module import GPTModule
+from gptfn.pretrained import load_pretrained, save_pretrained
 from gptfn.train import make_train_step
 from gptfn.transforms import per_example_grads
 from gptfn.typing import runtime_checks_enabled, set_runtime_checks
@@ -50,11 +54,15 @@ __all__ = [
     "forward",
     "init",
     "loss",
-    # training, checkpoints, generation, interop
+    # training, checkpoints, generation, pretrained models
     "generate",
     "generate_stream",
     "load_run",
     "make_train_step",
+    "load_pretrained",
+    "save_pretrained",
+    "from_hf",
+    "to_hf",
     "from_hf_gpt2",
     "to_hf_gpt2",
     # research entry points
@@ -77,13 +85,15 @@ __all__ = [
     "data",
     "distributed",
     "evaluate",
+    "families",
     "files",
+    "generation",
     "inspect",
-    "interop",
     "model",
     "module",
     "optim",
     "plot",
+    "pretrained",
     "remat",
     "train",
     "transforms",

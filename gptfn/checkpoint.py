@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from gptfn.data.tokenizers import Tokenizer, tokenizer_from_json
 from gptfn.files import atomic_write
+from gptfn.model import GPTConfig, check_params
 from gptfn.tree import flatten, unflatten
 
 __all__ = [
@@ -58,20 +59,24 @@ def save_checkpoint(
     if flat_opt is not None:
         tensors |= {f"opt.{n}": v.detach().contiguous().cpu() for n, v in flat_opt.items()}
     metadata = {"gptfn": json.dumps(meta)}
+    if isinstance(params, dict) and isinstance(params.get("config"), GPTConfig):
+        metadata["gptfn.config"] = json.dumps(params["config"].to_dict())  # the architecture
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         tensors = load_file(str(path))
 
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["gptfn"])
+            metadata = f.metadata() or {}
+        meta = json.loads(metadata["gptfn"])
+        config = json.loads(metadata["gptfn.config"]) if "gptfn.config" in metadata else None
     except (SafetensorError, KeyError, ValueError, OSError) as err:
         raise ValueError(f"corrupt or foreign checkpoint {path}: {err}") from None
-    return tensors, meta
+    return tensors, meta, config
 
 
 def read_meta(path: str | Path) -> dict:
@@ -98,8 +103,14 @@ def load_checkpoint(
     it ``opt_state`` is None. A template that does not match the saved state is an error, except
     that with ``partial`` the saved state may hold more (a rank's shard of a full state).
     """
-    tensors, meta = _read(Path(path))
+    tensors, meta, config = _read(Path(path))
     params = unflatten({k[7:]: v.to(device) for k, v in tensors.items() if k.startswith("params.")})
+    if isinstance(meta.get("model"), dict):  # training's record of the model, every field
+        meta["model"] = GPTConfig.from_dict(meta["model"]).to_dict()  # (older files: fewer)
+        config = meta["model"] if config is None else config
+    if config is not None:  # re-attach the architecture (files without any: GPT-2 shapes)
+        params["config"] = GPTConfig.from_dict(config)
+        check_params(params)
     opt_state = None
     if opt_template is not None:
         names, leaves, spec = _opt_paths(opt_template)

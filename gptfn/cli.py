@@ -206,7 +206,7 @@ def _print_samples(
     """Generate one continuation per prompt in one batch; with ``stream`` print the first as
     its tokens come and the others when done (the same text as without ``stream``)."""
     from gptfn.checkpoint import load_run
-    from gptfn.generate import generate, generate_stream
+    from gptfn.generation import generate, generate_stream
 
     params, tok, _ = load_run(run, which)
     ids = [tok.encode(p) for p in prompts]

@@ -159,7 +159,7 @@ def assign_owners(params: Tree, world_size: int) -> dict[str, int]:
 
 def broadcast_from_owners(params: Tree, owners: dict[str, int]) -> Tree:
     """Every leaf as its owner has it: one broadcast per rank of its leaves, flattened."""
-    from gptfn.tree import flatten, unflatten
+    from gptfn.tree import flatten, map_with_path
 
     flat = flatten(params)
     out = dict(flat)
@@ -171,7 +171,7 @@ def broadcast_from_owners(params: Tree, owners: dict[str, int]) -> Tree:
         dist.broadcast(buffer, src=src)
         for p, piece in zip(paths, buffer.split([flat[p].numel() for p in paths])):
             out[p] = piece.view_as(flat[p])
-    return unflatten(out)
+    return map_with_path(lambda path, _: out[path], params)  # same structure (and config)
 
 
 def gather_to_main(flat: dict[str, Tensor]) -> dict[str, Tensor] | None:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from gptfn.checkpoint import load_run
 from gptfn.data import load_meta, load_tokens
 from gptfn.data.tokenizers import Tokenizer
-from gptfn.generate import generate
-from gptfn.model import forward
+from gptfn.generation import generate
+from gptfn.model import config_of, forward
 from gptfn.typing import Params
 
 __all__ = ["windows", "token_nll", "perplexity_report", "bleu_continuations", "evaluate_run"]
@@ -46,7 +46,7 @@ def token_nll(
 ) -> tuple[float, int]:
     """Total negative log-likelihood (nats) of ``ids[1:]`` given their prefixes, and the count."""
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-    block_size = params["wpe"].shape[0]
+    block_size = config_of(params).block_size
     spans = windows(len(ids), block_size, stride)
     total, count = 0.0, 0
     device = params["wte"].device
@@ -113,7 +113,7 @@ def bleu_continuations(
         candidates[int(j)]
         for j in np.linspace(0, len(candidates) - 1, min(samples, len(candidates)))
     ]
-    block_size = params["wpe"].shape[0]
+    block_size = config_of(params).block_size
     contexts, refs, budgets = [], [], []
     for i in picked:
         line = lines[i].rstrip("\n")
@@ -158,10 +158,11 @@ def evaluate_run(
     else:
         data_dir = Path(data or meta["data_dir"])
         data_meta = load_meta(data_dir)
-        if data_meta["vocab_size"] != params["wte"].shape[0]:
+        vocab = config_of(params).vocab_size
+        if data_meta["vocab_size"] != vocab:
             raise ValueError(
                 f"{data_dir} has vocab {data_meta['vocab_size']}, the model "
-                f"{params['wte'].shape[0]}: prepared with another tokenizer?"
+                f"{vocab}: prepared with another tokenizer?"
             )
         ids = np.asarray(load_tokens(data_dir, "val"), dtype=np.int64)
         raw = tokenizer.decode(ids.tolist())

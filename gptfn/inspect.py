@@ -4,63 +4,53 @@ No hook registry: ``forward``'s ``hook`` argument sees each named activation, so
 patching compose with ``torch.func`` (``grad`` with respect to an additive patch is attribution
 patching; ``vmap`` over a batch of patches runs them all at once).
 
-| name | shape | TransformerLens |
-| --- | --- | --- |
-| ``embed`` | [batch seq d_model] | ``hook_embed`` |
-| ``pos_embed`` | [batch seq d_model] | ``hook_pos_embed`` |
-| ``blocks.{i}.resid_pre`` | [batch seq d_model] | ``blocks.{i}.hook_resid_pre`` |
-| ``blocks.{i}.attn.q`` / ``k`` / ``v`` | [batch seq head d_head] | ``attn.hook_q`` ... |
-| ``blocks.{i}.attn.scores`` | [batch head query key] | ``blocks.{i}.attn.hook_attn_scores`` |
-| ``blocks.{i}.attn.pattern`` | [batch head query key] | ``blocks.{i}.attn.hook_pattern`` |
-| ``blocks.{i}.attn.z`` | [batch seq head d_head] | ``blocks.{i}.attn.hook_z`` |
-| ``blocks.{i}.attn.out`` | [batch seq d_model] | ``blocks.{i}.hook_attn_out`` |
-| ``blocks.{i}.resid_mid`` | [batch seq d_model] | ``blocks.{i}.hook_resid_mid`` |
-| ``blocks.{i}.mlp.pre`` / ``post`` | [batch seq d_mlp] | ``mlp.hook_pre`` / ``hook_post`` |
-| ``blocks.{i}.mlp.out`` | [batch seq d_model] | ``blocks.{i}.hook_mlp_out`` |
-| ``blocks.{i}.resid_post`` | [batch seq d_model] | ``blocks.{i}.hook_resid_post`` |
-| ``ln_f.out`` | [batch seq d_model] | ``ln_final.hook_normalized`` |
-
-``scores`` (scaled, masked, before softmax) and ``pattern`` exist only on the reference attention
-path, which these functions select when such a name is asked for; otherwise the fast path runs.
+The names are recorded from the model's own code (one forward on shape-only "meta" tensors,
+cached per config), never kept by hand; docs/models.md tables every name with its shape and
+its TransformerLens equivalent, and a test holds that table against this list. Names that cost
+extra work (the norms taken apart, the per-head attention result and inputs, attention scores
+and pattern, which need the reference attention path) are computed only when asked for.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from gptfn.model import forward, unembed
+from gptfn.model import GPTConfig, config_of, forward, init, unembed
 from gptfn.typing import Params
 
 __all__ = ["activation_names", "run_with_cache", "run_with_patches", "logit_lens"]
 
-_BLOCK_NAMES = [
-    "resid_pre",
-    "attn.q",
-    "attn.k",
-    "attn.v",
-    "attn.scores",
-    "attn.pattern",
-    "attn.z",
-    "attn.out",
-    "resid_mid",
-    "mlp.pre",
-    "mlp.post",
-    "mlp.out",
-    "resid_post",
-]
-_NEEDS_REFERENCE = ("attn.scores", "attn.pattern")
+
+class _Recorder:
+    """A hook that asks for every name and writes down the order they come in."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def __call__(self, name: str, x: Tensor) -> Tensor:
+        self.names.append(name)
+        return x
+
+    def wants(self, name: str) -> bool:
+        return True
+
+
+@functools.lru_cache(maxsize=64)
+def _names_for(cfg: GPTConfig) -> tuple[str, ...]:
+    recorder = _Recorder()
+    tokens = torch.zeros(1, min(2, cfg.block_size), dtype=torch.long, device="meta")
+    forward(init(cfg, device="meta"), tokens, hook=recorder)
+    return tuple(recorder.names)
 
 
 def activation_names(params: Params) -> list[str]:
     """Every activation name of this model, in the order they are computed."""
-    names = ["embed", "pos_embed"]
-    for i in range(len(params["blocks"])):
-        names += [f"blocks.{i}.{n}" for n in _BLOCK_NAMES]
-    return [*names, "ln_f.out"]
+    return list(_names_for(config_of(params)))
 
 
 def _resolve(params: Params, names: Iterable[str]) -> set[str]:
@@ -71,10 +61,17 @@ def _resolve(params: Params, names: Iterable[str]) -> set[str]:
     return set(names)
 
 
-def _attention_for(names: Iterable[str], forward_kwargs: dict[str, Any]) -> dict[str, Any]:
-    if any(n.endswith(_NEEDS_REFERENCE) for n in names):
-        return {**forward_kwargs, "attention": "reference"}
-    return forward_kwargs
+class _Hook:
+    """``fn`` as a hook that is only called for (and only asks for) the ``wanted`` names."""
+
+    def __init__(self, wanted: set[str], fn: Callable[[str, Tensor], Tensor]) -> None:
+        self.wanted, self.fn = wanted, fn
+
+    def __call__(self, name: str, x: Tensor) -> Tensor:
+        return self.fn(name, x) if name in self.wanted else x
+
+    def wants(self, name: str) -> bool:
+        return name in self.wanted
 
 
 def run_with_cache(
@@ -84,7 +81,7 @@ def run_with_cache(
     **forward_kwargs: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``(logits, cache)``: ``cache`` maps activation names to tensors. ``names`` (a list, or a
-    predicate on the name) limits what is kept; None keeps all."""
+    predicate on the name) limits what is kept (and computed); None keeps all."""
     if names is None:
         wanted = set(activation_names(params))
     elif callable(names):
@@ -93,12 +90,11 @@ def run_with_cache(
         wanted = _resolve(params, names)
     cache: dict[str, Tensor] = {}
 
-    def hook(name: str, x: Tensor) -> Tensor:
-        if name in wanted:
-            cache[name] = x
+    def keep(name: str, x: Tensor) -> Tensor:
+        cache[name] = x
         return x
 
-    logits = forward(params, tokens, hook=hook, **_attention_for(wanted, forward_kwargs))
+    logits = forward(params, tokens, hook=_Hook(wanted, keep), **forward_kwargs)
     return logits, cache
 
 
@@ -110,13 +106,9 @@ def run_with_patches(
 ) -> Tensor:
     """Logits with ``patches[name](activation)`` replacing each named activation where it is
     computed (later layers see the new value)."""
-    _resolve(params, patches)
-
-    def hook(name: str, x: Tensor) -> Tensor:
-        patch = patches.get(name)
-        return x if patch is None else patch(x)
-
-    return forward(params, tokens, hook=hook, **_attention_for(patches, forward_kwargs))
+    wanted = _resolve(params, patches)
+    hook = _Hook(wanted, lambda name, x: patches[name](x))
+    return forward(params, tokens, hook=hook, **forward_kwargs)
 
 
 def logit_lens(params: Params, cache: Mapping[str, Tensor]) -> Tensor:

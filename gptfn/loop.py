@@ -12,6 +12,7 @@ prints, logs and writes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -244,6 +245,8 @@ def _resume(run: Run) -> None:
             f"{run.data_dir} (vocabulary {there} there, {run.model_cfg.vocab_size} here)"
         )
     before, now = saved.get("model", {}), run.model_cfg.to_dict()
+    with contextlib.suppress(TypeError, ValueError):  # older files: fewer fields, fill defaults
+        before = GPTConfig.from_dict(before).to_dict()
     diff = [
         f"{k} {before.get(k)} there, {now.get(k)} here"
         for k in sorted(set(before) | set(now))

@@ -48,13 +48,16 @@ class GPTModule(nn.Module):
 
     def __init__(self, params: Params, *, share: bool = False) -> None:
         super().__init__()
+        self.config = params.get("config")  # the architecture: static data, not a parameter
+        params = {key: value for key, value in params.items() if key != "config"}
         self._paths = list(flatten(params))
         _fill(self, params if share else optree.tree_map(lambda x: x.detach().clone(), params))
 
     def to_params(self) -> Params:
         """The tree of the module's current parameters (the module's tensors, not copies); under
         ``functional_call`` the substituted ones."""
-        return unflatten({p: functools.reduce(getattr, p.split("."), self) for p in self._paths})
+        tree = unflatten({p: functools.reduce(getattr, p.split("."), self) for p in self._paths})
+        return tree if self.config is None else {**tree, "config": self.config}
 
     def forward(self, tokens: Tensor, **kwargs: Any) -> Tensor:
         """``gptfn.forward(self.to_params(), tokens, **kwargs)``."""

@@ -13,7 +13,9 @@ finite differences::
         assert_causal(my_forward, params, data.draw(tokens(cfg)))
 
 Every check raises ``AssertionError`` with a message that names the violation. The strategies
-shrink towards the smallest config and the shortest sequence, so failures are reported small.
+draw architectures as well as sizes (rotary or learned positions, RMSNorm, gated MLPs,
+grouped-query attention, parallel residual ...) and shrink towards the smallest GPT-2 config and
+the shortest sequence, so failures are reported small.
 This module imports hypothesis; ``import gptfn`` alone does not.
 """
 
@@ -29,6 +31,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from gptfn.model import GPTConfig, init
+from gptfn.model.config import MLPS, NORMS, POSITIONS
 from gptfn.tree import flatten, unstack
 
 __all__ = [
@@ -59,19 +62,47 @@ def configs(
     head_size: tuple[int, int] = (1, 8),
     bias: bool | None = None,
     tie_embeddings: bool | None = None,
+    *,
+    architectures: bool = True,
+    **fixed: Any,
 ) -> GPTConfig:
     """Valid ``GPTConfig``s; each bound is an inclusive ``(min, max)``. ``n_embd`` is
-    ``n_head * head_size``, so it always divides. ``bias``/``tie_embeddings`` None means drawn."""
-    n_head_ = draw(st.integers(*n_head))
-    return GPTConfig(
-        vocab_size=draw(st.integers(*vocab_size)),
-        block_size=draw(st.integers(*block_size)),
-        n_layer=draw(st.integers(*n_layer)),
-        n_head=n_head_,
-        n_embd=n_head_ * draw(st.integers(*head_size)),
-        bias=draw(st.booleans()) if bias is None else bias,
-        tie_embeddings=draw(st.booleans()) if tie_embeddings is None else tie_embeddings,
-    )
+    ``n_head * head_size``, so it always divides. ``bias``/``tie_embeddings`` None means drawn.
+
+    With ``architectures`` (the default) every option is drawn too: positions, norm, MLP kind and
+    width, key/value heads (a divisor of ``n_head``), QK-norm, the separate biases, parallel
+    residual, logit soft-cap; rotary positions round ``head_size`` up to an even number.
+    ``architectures=False`` draws GPT-2 only. Keywords naming other ``GPTConfig`` fields fix
+    them (``configs(position="rotary")``). Everything shrinks towards GPT-2's choices."""
+    heads = draw(st.integers(*n_head))
+    sizes = {  # drawn in the order gptfn always drew them: examples stay the same
+        "vocab_size": draw(st.integers(*vocab_size)),
+        "block_size": draw(st.integers(*block_size)),
+        "n_layer": draw(st.integers(*n_layer)),
+        "n_head": heads,
+    }
+    size = draw(st.integers(*head_size))
+    options: dict[str, Any] = {
+        "bias": draw(st.booleans()) if bias is None else bias,
+        "tie_embeddings": draw(st.booleans()) if tie_embeddings is None else tie_embeddings,
+    }
+    if architectures:
+        options["position"] = draw(st.sampled_from(POSITIONS))
+        if options["position"] == "rotary":
+            size += size % 2  # rotary turns pairs of dims
+            fractions = [1.0, 0.5] if size % 4 == 0 else [1.0]
+            options["rotary_fraction"] = draw(st.sampled_from(fractions))
+        options["norm"] = draw(st.sampled_from(NORMS))
+        options["mlp"] = draw(st.sampled_from(MLPS))
+        options["d_mlp"] = draw(st.one_of(st.none(), st.integers(1, 12)))
+        divisors = [d for d in range(heads, 0, -1) if heads % d == 0]
+        options["n_kv_head"] = draw(st.sampled_from(divisors))
+        for name in ("qkv_bias", "mlp_bias", "norm_bias"):
+            options[name] = draw(st.one_of(st.none(), st.booleans()))
+        options["qk_norm"] = draw(st.booleans())
+        options["parallel_residual"] = draw(st.booleans())
+        options["logit_softcap"] = draw(st.one_of(st.none(), st.floats(1.0, 30.0)))
+    return GPTConfig(**sizes, n_embd=heads * size, **(options | fixed))
 
 
 @st.composite

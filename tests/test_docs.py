@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ["testing.md", "research.md"]
+PAGES = ["testing.md", "research.md", "models.md"]
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gptfn
-from gptfn.generate import (
+from gptfn.generation import (
     decode_step,
     generate,
     generate_stream,
@@ -147,3 +147,61 @@ def test_matches_hf_greedy_generate():
             eos_token_id=None,
         )[0, len(prompt) :].tolist()
     assert generate(params, [prompt], 12, temperature=0)[0] == theirs
+
+
+def test_prompts_as_a_2d_tensor_or_clear_errors(model):
+    as_lists = generate(model, [[1, 2, 3], [4, 5, 6]], 2, temperature=0)
+    assert gptfn.generate(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), 2, temperature=0) == as_lists
+    assert gptfn.generate(model, [torch.tensor([1, 2, 3])], 2, temperature=0) == as_lists[:1]
+    assert len(gptfn.generate(model, torch.tensor([[1, 2, 3]]), 2)[0]) == 2  # issue 13's example
+    with pytest.raises(ValueError, match=r"2-D integer tensor \[batch, seq\].*got a 1-D"):
+        gptfn.generate(model, torch.tensor([1, 2, 3]), 2)
+    with pytest.raises(ValueError, match=r"got a 2-D torch\.float32 tensor"):
+        gptfn.generate(model, torch.zeros(1, 3), 2)
+    with pytest.raises(ValueError, match="encode text with a tokenizer first"):
+        gptfn.generate(model, "hello", 2)
+    with pytest.raises(ValueError, match="prompt 1 must be a list of int token ids"):
+        gptfn.generate(model, [[1, 2], [1.5]], 2)
+
+
+def test_cache_is_static_shaped_and_holds_kv_heads_only():
+    cfg = gptfn.GPTConfig(vocab_size=11, block_size=12, n_layer=1, n_head=4, n_embd=16, n_kv_head=1)
+    params = gptfn.init(cfg)
+    cache = init_cache(params, 2, 10)
+    assert cache["layers"][0]["k"].shape == (2, 10, 1, 4)  # a quarter of a 4-head cache
+    buffers = [layer[n].data_ptr() for layer in cache["layers"] for n in "kv"]
+    _, cache = prefill(params, torch.tensor([[1, 2, 3], [4, 5, 6]]), cache)
+    _, cache = decode_step(params, torch.tensor([[7], [8]]), cache)
+    assert isinstance(cache["length"], torch.Tensor) and int(cache["length"]) == 4
+    assert [layer[n].data_ptr() for layer in cache["layers"] for n in "kv"] == buffers
+    with pytest.raises(ValueError, match="4 used, 7 more do not fit"):
+        decode_step(params, torch.zeros(2, 7, dtype=torch.long), cache)
+
+
+def test_whole_buffer_attention_of_a_compiled_step_equals_eager(model, monkeypatch):
+    """Compiled, a step attends over the whole buffer (one shape for every step); eager, over the
+    filled slots. Both give the same logits."""
+    seq = random_tokens(53, 2, 9, 1)
+
+    def run():
+        cache = init_cache(model, 2, 12, pad=torch.tensor([0, 2]))
+        logits, cache = prefill(model, seq[:, :5], cache)
+        pieces = [logits]
+        for i in range(5, 9):
+            logits, cache = decode_step(model, seq[:, i : i + 1], cache)
+            pieces.append(logits)
+        return pieces
+
+    eager = run()
+    widths = []
+    original = gptfn.model.attention.update_cache
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(
+        gptfn.model.attention,
+        "update_cache",
+        lambda c, k, v, slots, width: widths.append(width) or original(c, k, v, slots, width),
+    )
+    whole_buffer = run()
+    assert set(widths) == {12}
+    for a, b in zip(eager, whole_buffer):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import optree
 import pytest
 import torch
@@ -52,7 +55,7 @@ def test_cache_logits_equal_forward_and_shapes_are_documented(params):
 
 
 def test_fast_path_is_kept_unless_scores_or_pattern_are_asked_for(params, monkeypatch):
-    import gptfn.model as model
+    import gptfn.model.attention as model
 
     calls = []
     original = model._reference_attention
@@ -61,7 +64,7 @@ def test_fast_path_is_kept_unless_scores_or_pattern_are_asked_for(params, monkey
     run_with_cache(params, toks, names=["blocks.0.attn.z", "blocks.1.mlp.post"])
     assert calls == []
     run_with_cache(params, toks, names=["blocks.0.attn.pattern"])
-    assert len(calls) == 2
+    assert len(calls) == 1  # only the layer whose pattern is asked for leaves the fast path
 
 
 def test_identity_patches_change_nothing(params):
@@ -200,3 +203,183 @@ def test_hutchinson_trace_within_four_standard_errors(tiny_problem):
     estimate, stderr = hutchinson_trace(f, params, samples=200, seed=1)
     exact = float(torch.trace(hessian))
     assert stderr > 0 and abs(estimate - exact) < 4 * stderr
+
+
+# ----------------------------------------------------------------------------- names vs docs
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+WHEN = {
+    "always": lambda c: True,
+    "position=learned": lambda c: c.position == "learned",
+    "position=rotary": lambda c: c.position == "rotary",
+    "qk_norm": lambda c: c.qk_norm,
+    "sequential residual": lambda c: not c.parallel_residual,
+    "gated mlp": lambda c: c.mlp in ("swiglu", "geglu"),
+}
+NAME_VARIANTS = {
+    "gpt2": {},
+    "llama": {"position": "rotary", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2},
+    "qk_norm": {"qk_norm": True, "position": "none"},
+    "neox": {"position": "rotary", "rotary_fraction": 1 / 3, "parallel_residual": True},
+    "geglu": {"mlp": "geglu", "bias": False},
+}
+
+
+def documented_names() -> list[tuple[str, str, str]]:
+    """(name, shape, when) rows of the docs' activation-name table."""
+    section = DOCS.read_text().split("## Activation names", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| (\[[^\]]+\]) \| .* \| ([^|]+) \|$", section, flags=re.M)
+    assert len(rows) > 30, "the activation-name table was not found"
+    return [(name, shape, when.strip()) for name, shape, when in rows]
+
+
+@pytest.mark.parametrize("variant", NAME_VARIANTS)
+def test_docs_table_lists_exactly_the_names_and_shapes_the_code_produces(variant):
+    dims = {
+        "batch": 2,
+        "seq": 3,
+        "query": 3,
+        "key": 3,
+        "head": 4,
+        "d_head": 6,
+        "d_model": 20,
+        "d_mlp": 7,
+        "1": 1,
+    }
+    options = NAME_VARIANTS[variant]
+    cfg = gptfn.GPTConfig(11, 8, 2, 4, 20, d_head=6, d_mlp=7, **options)
+    dims["kv_head"] = cfg.n_kv_head
+    params = gptfn.init(cfg)
+    _, cache = run_with_cache(params, random_tokens(11, 2, 3))
+    produced = {name: tuple(x.shape) for name, x in cache.items()}
+    documented = {}
+    for name, shape, when in documented_names():
+        assert when in WHEN, f"unknown condition {when!r} for {name} in docs/models.md"
+        if WHEN[when](cfg):
+            for i in range(cfg.n_layer) if "{i}" in name else [None]:
+                key = name.replace("{i}", str(i))
+                documented[key] = tuple(dims[d] for d in shape.strip("[]").split())
+    assert sorted(produced) == sorted(documented)
+    assert produced == documented
+    assert list(cache) == activation_names(params)
+
+
+def test_norm_names_are_both_sides_of_the_norm():
+    """``normalized`` is before the affine (TransformerLens's hook_normalized), ``rms`` its scale;
+    ``ln_f.out`` is after the weights, which differ from 1 and 0 here."""
+    params = optree.tree_map(lambda x: x + 0.5 * torch.randn_like(x), gptfn.init(CFG, seed=3))
+    _, cache = run_with_cache(params, random_tokens(23, 2, 5))
+    x = cache["blocks.1.resid_post"]
+    centred = x - x.mean(-1, keepdim=True)
+    tl_scale = (centred.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()  # TransformerLens's formula
+    torch.testing.assert_close(cache["ln_f.rms"], tl_scale)
+    torch.testing.assert_close(cache["ln_f.normalized"], centred / tl_scale)
+    ln_f = params["ln_f"]
+    torch.testing.assert_close(
+        cache["ln_f.out"], cache["ln_f.normalized"] * ln_f["scale"] + ln_f["bias"]
+    )
+    assert not torch.allclose(cache["ln_f.out"], cache["ln_f.normalized"], atol=1e-2)
+    rms_model = gptfn.init(gptfn.GPTConfig(23, 10, 1, 3, 12, norm="rmsnorm", bias=False))
+    _, cache = run_with_cache(rms_model, random_tokens(23, 2, 5), names=lambda n: "ln_1" in n)
+    x = run_with_cache(rms_model, random_tokens(23, 2, 5), names=["blocks.0.resid_pre"])[1]
+    rms = (x["blocks.0.resid_pre"].pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(cache["blocks.0.ln_1.rms"], rms)
+
+
+def test_per_head_result_and_inputs_mean_what_they_say(params):
+    toks = random_tokens(23, 2, 6)
+    _, cache = run_with_cache(params, toks)
+    for i in range(2):
+        attn = params["blocks"][i]["attn"]
+        torch.testing.assert_close(
+            cache[f"blocks.{i}.attn.result"].sum(-2) + attn["b_o"], cache[f"blocks.{i}.attn.out"]
+        )
+    zero_result = run_with_patches(
+        params, toks, {"blocks.1.attn.result": lambda r: r * torch.tensor([1.0, 0.0, 1.0])[:, None]}
+    )
+    edited = optree.tree_map(torch.clone, params)
+    edited["blocks"][1]["attn"]["w_o"][1] = 0
+    torch.testing.assert_close(zero_result, gptfn.forward(edited, toks), atol=1e-5, rtol=1e-5)
+
+    def other_query_input(x):  # head 0's query reads another position's input
+        x = x.clone()
+        x[:, :, 0] = x[:, :, 0].roll(1, dims=1)
+        return x
+
+    _, patched = run_with_cache(
+        params,
+        toks,
+        names=["blocks.0.attn.q", "blocks.0.attn.k"],
+    )
+    changed = {}
+    run_with_patches(
+        params,
+        toks,
+        {
+            "blocks.0.attn.q_input": other_query_input,
+            "blocks.0.attn.q": lambda q: changed.setdefault("q", q),
+            "blocks.0.attn.k": lambda k: changed.setdefault("k", k),
+        },
+    )
+    moved = (changed["q"] - patched["blocks.0.attn.q"]).abs().amax(dim=(0, 1, 3))
+    assert moved[0] > 1e-3 and torch.equal(moved[1:], torch.zeros(2))  # head 0 only
+    torch.testing.assert_close(changed["k"], patched["blocks.0.attn.k"])
+
+
+def test_mlp_in_patches_the_mlp_branch_only(params):
+    toks = random_tokens(23, 2, 6)
+    _, base = run_with_cache(params, toks, names=["blocks.0.resid_mid", "blocks.0.mlp.out"])
+    seen = {}
+    run_with_patches(
+        params,
+        toks,
+        {
+            "blocks.0.mlp_in": torch.zeros_like,
+            "blocks.0.resid_mid": lambda x: seen.setdefault("mid", x),
+            "blocks.0.mlp.out": lambda x: seen.setdefault("out", x),
+        },
+    )
+    torch.testing.assert_close(seen["mid"], base["blocks.0.resid_mid"])
+    assert not torch.allclose(seen["out"], base["blocks.0.mlp.out"])
+
+
+def test_rotated_queries_and_keys():
+    cfg = gptfn.GPTConfig(23, 10, 1, 2, 8, position="rotary", n_kv_head=1)
+    params = gptfn.init(cfg, seed=1)
+    _, cache = run_with_cache(params, random_tokens(23, 1, 6))
+    from gptfn.model import apply_rotary, rotary_tables
+
+    cos, sin = rotary_tables(cfg, torch.arange(6))
+    torch.testing.assert_close(
+        cache["blocks.0.attn.rot_q"], apply_rotary(cache["blocks.0.attn.q"], cos, sin)
+    )
+    torch.testing.assert_close(cache["blocks.0.attn.rot_k"][:, 0], cache["blocks.0.attn.k"][:, 0])
+    assert not torch.allclose(cache["blocks.0.attn.rot_k"], cache["blocks.0.attn.k"])
+
+
+def test_costly_names_cost_nothing_unless_asked(params, monkeypatch):
+    import gptfn.model.attention as attention
+    import gptfn.model.layers as layers
+
+    calls = {"per_head_inputs": 0, "fused_out": 0, "fused_norm": 0}
+
+    def counting(module, name, key):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting(attention, "_qkv_per_head_inputs", "per_head_inputs")
+    counting(attention, "attention_out", "fused_out")
+    counting(layers.F, "layer_norm", "fused_norm")
+    toks = random_tokens(23, 2, 5)
+    gptfn.forward(params, toks)
+    run_with_cache(params, toks, names=["blocks.1.resid_post", "blocks.0.attn.z"])
+    assert calls == {"per_head_inputs": 0, "fused_out": 4, "fused_norm": 10}
+    run_with_cache(
+        params, toks, names=["blocks.0.attn.result", "blocks.1.attn.k_input", "ln_f.rms"]
+    )
+    assert calls == {"per_head_inputs": 1, "fused_out": 5, "fused_norm": 14}

@@ -4,6 +4,8 @@
 - ``BPETokenizer``: byte-level BPE trained locally with Hugging Face ``tokenizers``.
 - ``GPT2Tokenizer``: GPT-2's BPE through ``tiktoken``; needs its files cached locally (offline it
   fails with a clear message after a short timeout instead of hanging).
+- ``HFTokenizer``: any Hugging Face ``tokenizer.json`` (the file in a downloaded GPT-2, Llama,
+  Qwen or Pythia folder) through the ``tokenizers`` library, offline.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ __all__ = [
     "CharTokenizer",
     "BPETokenizer",
     "GPT2Tokenizer",
+    "HFTokenizer",
+    "tokenizer_json",
     "tokenizer_from_json",
     "load_tokenizer",
     "train_tokenizer",
@@ -143,18 +147,94 @@ class GPT2Tokenizer:
         return {"kind": self.kind}
 
 
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` behind gptfn's interface.
+
+    ``encode`` maps text to ids without special tokens, like gptfn's other tokenizers;
+    ``encode(text, add_special_tokens=True)`` applies the file's post-processor (Llama's leading
+    BOS, for instance). ``bos_token_id`` / ``eos_token_id`` come from ``tokenizer_config.json``
+    beside the file when there is one (else None).
+    """
+
+    kind = "hf"
+
+    def __init__(
+        self, hf_tokenizer: Any, bos_token: str | None = None, eos_token: str | None = None
+    ) -> None:
+        self._tok = hf_tokenizer
+        self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_token_id = None if bos_token is None else hf_tokenizer.token_to_id(bos_token)
+        self.eos_token_id = None if eos_token is None else hf_tokenizer.token_to_id(eos_token)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> HFTokenizer:
+        """Read ``tokenizer.json`` (``path`` is the file or the folder holding it)."""
+        from tokenizers import Tokenizer as HFTok
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer.json at {file}: gptfn reads Hugging Face tokenizers from that "
+                "file (folders with only a sentencepiece tokenizer.model are not supported)"
+            )
+        special = _special_tokens(file.parent / "tokenizer_config.json")
+        return cls(HFTok.from_file(str(file)), special.get("bos_token"), special.get("eos_token"))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "tokenizer": json.loads(self._tok.to_str()),
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        }
+
+
+def _special_tokens(config: Path) -> dict[str, str]:
+    """``bos_token`` / ``eos_token`` strings from a tokenizer_config.json (either spelling)."""
+    if not config.is_file():
+        return {}
+    data = json.loads(config.read_text(encoding="utf-8"))
+    out = {}
+    for key in ("bos_token", "eos_token"):
+        value = data.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def tokenizer_json(tokenizer: Tokenizer) -> str | None:
+    """The tokenizer as Hugging Face ``tokenizer.json`` text, or None for kinds that have no such
+    file (char; tiktoken's gpt2)."""
+    data = tokenizer.to_json()
+    return json.dumps(data["tokenizer"]) if data.get("kind") in ("bpe", "hf") else None
+
+
 def tokenizer_from_json(data: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from ``to_json()`` output."""
     kind = data.get("kind")
     if kind == "char":
         return CharTokenizer(data["chars"])
     if kind == "bpe":
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as HFTok
 
-        return BPETokenizer(HFTokenizer.from_str(json.dumps(data["tokenizer"])))
+        return BPETokenizer(HFTok.from_str(json.dumps(data["tokenizer"])))
     if kind == "gpt2":
         return GPT2Tokenizer()
-    raise ValueError(f"unknown tokenizer kind {kind!r} (expected char, bpe or gpt2)")
+    if kind == "hf":
+        from tokenizers import Tokenizer as HFTok
+
+        tok = HFTok.from_str(json.dumps(data["tokenizer"]))
+        return HFTokenizer(tok, data.get("bos_token"), data.get("eos_token"))
+    raise ValueError(f"unknown tokenizer kind {kind!r} (expected char, bpe, gpt2 or hf)")
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:

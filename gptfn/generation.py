@@ -1,11 +1,15 @@
-"""Generation with a functional KV cache.
+"""Generation with a functional key/value cache.
 
-The cache is a pytree: per layer preallocated ``k``/``v`` tensors [batch, max_len, head, d_head],
-plus ``pad`` (left-padding per row) and ``length`` (slots filled, shared by all rows). ``prefill``
-and ``decode_step`` are one function, ``extend(params, tokens, cache) -> (logits, cache)``, built
-from the same layers as ``forward``. Like a JAX function with donated buffers, ``extend`` writes
-the new keys and values into the cache's buffers and returns the updated cache; keep using the
-returned one.
+The cache is a pytree: per layer preallocated ``k``/``v`` buffers [batch, max_len, n_kv_head,
+d_head] (grouped-query models store only their key/value heads), plus ``pad`` (left padding per
+row) and ``length`` (slots filled, shared by all rows), both tensors. ``prefill`` and
+``decode_step`` are one function, ``extend(params, tokens, cache) -> (logits, cache)``, which
+runs the same blocks as ``forward``; inside each block the attention step writes the new keys and
+values at slots given as a tensor (``gptfn.model.update_cache``) and attends through a mask
+built from tensors. Under ``torch.compile`` the mask covers the whole buffer, so every decode
+step has the same shapes (one graph); eager code attends over the slots filled so far, which is
+cheaper. Like a JAX function with donated buffers, ``extend`` writes into the cache's
+buffers and returns the updated cache; keep using the returned one.
 
 Prompts of different lengths are left-padded; each row gets its own positions (counted from its
 first real token) and an attention mask that hides its padding, so padding never changes a row.
@@ -20,16 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gptfn.model import (
-    attend,
-    attention_out,
-    attention_qkv,
-    check_tokens,
-    embed,
-    layer_norm,
-    mlp,
-    unembed,
-)
+from gptfn.model import check_tokens, config_of, run_blocks
 from gptfn.tree import map_with_path
 from gptfn.typing import Params
 
@@ -47,7 +42,7 @@ __all__ = [
 Cache = dict[str, Any]
 
 
-_MATRIX_ROWS = {"w_q": 1, "w_k": 1, "w_v": 1, "w_o": 2, "w_in": 1, "w_out": 1}
+_MATRIX_ROWS = {"w_q": 1, "w_k": 1, "w_v": 1, "w_o": 2, "w_in": 1, "w_gate": 1, "w_out": 1}
 """How many leading axes of each weight form the input side of its matrix ([d, h, k] -> d x hk)."""
 
 
@@ -70,44 +65,38 @@ def decode_layout(params: Params) -> Params:
 
 def init_cache(params: Params, batch: int, max_len: int, pad: Tensor | None = None) -> Cache:
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens (<= block_size)."""
-    block_size = params["wpe"].shape[0]
-    if max_len > block_size:
-        raise ValueError(f"cache length {max_len} exceeds the model's block_size {block_size}")
-    w = params["blocks"][0]["attn"]["w_k"]
-    shape = (batch, max_len, w.shape[1], w.shape[2])
-    layers = [{"k": w.new_zeros(shape), "v": w.new_zeros(shape)} for _ in params["blocks"]]
+    cfg = config_of(params)
+    if max_len > cfg.block_size:
+        raise ValueError(f"cache length {max_len} exceeds the model's block_size {cfg.block_size}")
+    like = params["wte"]
+    shape = (batch, max_len, cfg.n_kv_head, cfg.d_head)
+    layers = [{"k": like.new_zeros(shape), "v": like.new_zeros(shape)} for _ in params["blocks"]]
     if pad is None:
-        pad = torch.zeros(batch, dtype=torch.long, device=w.device)
-    return {"layers": layers, "pad": pad, "length": 0}
+        pad = torch.zeros(batch, dtype=torch.long, device=like.device)
+    length = torch.zeros((), dtype=torch.long, device=like.device)
+    return {"layers": layers, "pad": pad, "length": length}
 
 
 def extend(params: Params, tokens: Tensor, cache: Cache) -> tuple[Tensor, Cache]:
     """Run ``tokens`` [batch, n] after what the cache holds: logits [batch, n, vocab], new cache."""
     start, n = cache["length"], tokens.shape[1]
     max_len = cache["layers"][0]["k"].shape[1]
-    if start + n > max_len:
-        raise ValueError(f"cache holds {max_len} tokens; {start} used, {n} more do not fit")
+    if not torch.compiler.is_compiling() and int(start) + n > max_len:
+        raise ValueError(f"cache holds {max_len} tokens; {int(start)} used, {n} more do not fit")
     check_tokens(params, tokens)
     pad = cache["pad"]
-    slots = torch.arange(start, start + n, device=tokens.device)
+    slots = start + torch.arange(n, device=tokens.device)
     positions = (slots[None, :] - pad[:, None]).clamp(min=0)
-    keys = torch.arange(start + n, device=tokens.device)
-    # mask [batch, 1, n, keys]: a key is visible if it is not padding and not in the future;
-    # a padding query sees itself only, so no row is fully masked (no NaN anywhere)
-    key, query = keys[None, None, :], slots[None, :, None]
-    mask = ((key >= pad[:, None, None]) & (key <= query)) | (key == query)
-    mask = mask[:, None]
-    x = embed(params, tokens, positions)
-    layers = []
-    for p, layer in zip(params["blocks"], cache["layers"]):
-        q, k, v = attention_qkv(p["attn"], layer_norm(p["ln_1"], x))
-        layer["k"][:, start : start + n] = k
-        layer["v"][:, start : start + n] = v
-        z = attend(q, layer["k"][:, : start + n], layer["v"][:, : start + n], mask=mask)
-        x = x + attention_out(p["attn"], z)
-        x = x + mlp(p["mlp"], layer_norm(p["ln_2"], x))
-        layers.append(layer)
-    return unembed(params, x), {"layers": layers, "pad": pad, "length": start + n}
+    # mask [batch, 1, n, width]: a key is visible if it is not padding and not in the future
+    # (unwritten slots are in the future); a padding query sees itself only, so no row is
+    # fully masked (no NaN anywhere). Eager code attends over the slots written so far;
+    # a compiled step over the whole buffer (one shape for every step)
+    width = max_len if torch.compiler.is_compiling() else int(start) + n
+    key = torch.arange(width, device=tokens.device)[None, None, :]
+    query = slots[None, :, None]
+    mask = (((key >= pad[:, None, None]) & (key <= query)) | (key == query))[:, None]
+    logits = run_blocks(params, tokens, positions, mask=mask, caches=cache["layers"], slots=slots)
+    return logits, {"layers": cache["layers"], "pad": pad, "length": start + n}
 
 
 prefill = extend
@@ -156,10 +145,45 @@ def _left_pad(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[Tens
     return tokens, pad
 
 
+Prompts = Sequence[Sequence[int]] | Tensor
+"""A batch of prompts: a list of token-id lists (any lengths) or a 2-D integer tensor."""
+
+
+def _as_prompts(prompts: Prompts) -> list[list[int]]:
+    """Token-id lists from a list of id lists (or 1-D tensors) or a 2-D integer tensor."""
+    if isinstance(prompts, Tensor):
+        if prompts.ndim != 2 or prompts.is_floating_point() or prompts.is_complex():
+            raise ValueError(
+                "prompts must be a batch: a 2-D integer tensor [batch, seq] or a list of token-id "
+                f"lists; got a {prompts.ndim}-D {prompts.dtype} tensor (one prompt: ids[None] or "
+                "[ids])"
+            )
+        return prompts.tolist()
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError(
+            f"prompts must be a list of token-id lists or a 2-D integer tensor, got "
+            f"{type(prompts).__name__} (encode text with a tokenizer first)"
+        )
+    rows = []
+    for i, row in enumerate(prompts):
+        ids = row.tolist() if isinstance(row, Tensor) and row.ndim == 1 else row
+        if (
+            not isinstance(ids, Sequence)
+            or isinstance(ids, (str, bytes))
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+        ):
+            raise ValueError(
+                f"prompt {i} must be a list of int token ids (or a 1-D integer tensor), got "
+                f"{type(row).__name__}: {str(row)[:60]}"
+            )
+        rows.append(list(ids))
+    return rows
+
+
 @torch.no_grad()
 def generate_stream(
     params: Params,
-    prompts: Sequence[Sequence[int]],
+    prompts: Prompts,
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
@@ -169,12 +193,27 @@ def generate_stream(
     eos_token_id: int | None = None,
     sliding_window: bool = False,
 ) -> Iterator[list[int | None]]:
-    """Yield, per step, one new token for each prompt (None for rows already stopped at EOS)."""
+    """Yield, per step, one new token for each prompt (None for rows already stopped at EOS).
+
+    Args:
+      params: the model's tree.
+      prompts: a list of token-id lists of any lengths (left-padded inside), or a 2-D integer
+        tensor [batch, seq] of equal-length prompts.
+      max_new_tokens: how many tokens to generate per prompt.
+      temperature: 0 is greedy; otherwise logits are divided by it before sampling.
+      top_k: sample only among the ``top_k`` most likely tokens.
+      top_p: sample only from the smallest set of tokens whose probability reaches ``top_p``.
+      seed: seed of the sampling generator (same seed, same output).
+      eos_token_id: a row stops after generating this id (it is included).
+      sliding_window: past the context, keep generating over the latest block_size - 1 tokens
+        (otherwise running past the context is an error).
+    """
+    prompts = _as_prompts(prompts)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (and there must be a prompt)")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    block_size = params["wpe"].shape[0]
+    block_size = config_of(params).block_size
     device = params["wte"].device
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > block_size and not sliding_window:
@@ -202,7 +241,7 @@ def generate_stream(
         yield out
         if all(done):
             return
-        if cache["length"] == cache["layers"][0]["k"].shape[1]:  # full: rebuild over a window
+        if int(cache["length"]) == cache["layers"][0]["k"].shape[1]:  # full: rebuild over a window
             window = [h[-(block_size - 1) :] for h in history]
             tokens, pad = _left_pad(window, device)
             cache = init_cache(params, len(prompts), block_size, pad)
@@ -213,12 +252,14 @@ def generate_stream(
 
 def generate(
     params: Params,
-    prompts: Sequence[Sequence[int]],
+    prompts: Prompts,
     max_new_tokens: int,
     **kwargs: Any,
 ) -> list[list[int]]:
-    """New tokens for each prompt (a list of token lists of any lengths), stopping a row at
-    ``eos_token_id`` (included). Keywords as :func:`generate_stream`; same seed, same output."""
+    """New tokens for each prompt (a list of token lists of any lengths, or a 2-D integer
+    tensor), stopping a row at ``eos_token_id`` (included). Keywords as
+    :func:`generate_stream`; same seed, same output."""
+    prompts = _as_prompts(prompts)
     results: list[list[int]] = [[] for _ in prompts]
     for step in generate_stream(params, prompts, max_new_tokens, **kwargs):
         for row, t in zip(results, step):

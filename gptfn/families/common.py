@@ -1,0 +1,166 @@
+"""What the family converters share: reading Hugging Face config dicts, moving weights between
+torch's [out, in] ``nn.Linear`` layout and gptfn's per-head trees, and checking that every key of
+a state dict was used."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from einops import rearrange
+
+from gptfn.model import GPTConfig
+from gptfn.typing import Params, Tensor
+
+BUFFERS = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias",
+           "rotary_emb.inv_freq")  # fmt: skip
+"""Suffixes of non-parameter buffers that older checkpoints carry; they hold no weights."""
+
+
+class Reader:
+    """A state dict that remembers which keys were taken, so leftovers can be reported."""
+
+    def __init__(self, state_dict: dict[str, Tensor], family: str) -> None:
+        self.sd, self.family, self.used = state_dict, family, set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.sd
+
+    def take(self, key: str) -> Tensor:
+        if key not in self.sd:
+            raise KeyError(f"not a {self.family} state dict: missing {key!r}")
+        self.used.add(key)
+        return self.sd[key]
+
+    def maybe(self, key: str) -> Tensor | None:
+        return self.take(key) if key in self.sd else None
+
+    def finish(self, ignore: Iterable[str] = ()) -> None:
+        """Raise if keys remain that are neither used, ignored, nor known buffers."""
+        skip = set(ignore)
+        left = sorted(
+            k for k in self.sd if k not in self.used and k not in skip and not k.endswith(BUFFERS)
+        )
+        if left:
+            raise ValueError(
+                f"unexpected keys for a {self.family} model: {left[:6]}"
+                f"{' ...' if len(left) > 6 else ''} (another architecture, or a variant gptfn "
+                "does not implement)"
+            )
+
+
+def first(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    """The value of the first of ``keys`` present (and not None) in ``hf``."""
+    for key in keys:
+        if hf.get(key) is not None:
+            return hf[key]
+    return default
+
+
+def rope_from_hf(
+    hf: dict[str, Any],
+    family: str,
+    *,
+    theta_keys: tuple[str, ...] = ("rope_theta",),
+    fraction_keys: tuple[str, ...] = ("partial_rotary_factor",),
+    default_fraction: float = 1.0,
+) -> dict[str, Any]:
+    """``rope_theta``, ``rotary_fraction`` and ``rope_scaling`` GPTConfig fields from either
+    layout of a config.json: transformers 5's ``rope_parameters`` or the older top-level
+    ``rope_theta`` / ``rope_scaling`` keys."""  # fmt: skip
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = first(params, "rope_theta", default=first(hf, *theta_keys, default=10000.0))
+    fraction = first(
+        params, "partial_rotary_factor", default=first(hf, *fraction_keys, default=default_fraction)
+    )
+    kind = first(
+        params, "rope_type", "type", default=first(scaling, "rope_type", "type", default="default")
+    )
+    out: dict[str, Any] = {"rope_theta": float(theta), "rotary_fraction": float(fraction)}
+    if kind == "llama3":
+        source = params if "factor" in params else scaling
+        out["rope_scaling"] = (
+            float(source["factor"]), float(source["low_freq_factor"]),
+            float(source["high_freq_factor"]), int(source["original_max_position_embeddings"]),
+        )  # fmt: skip
+    elif kind != "default":
+        raise ValueError(
+            f"{family} with rope type {kind!r} is not supported; gptfn implements the default "
+            "rotary embedding and Llama-3.1's 'llama3' scaling"
+        )
+    return out
+
+
+def rope_to_hf(cfg: GPTConfig, *, fraction_key: str | None = None) -> dict[str, Any]:
+    """The rotary part of a config.json, in transformers 5's ``rope_parameters`` (plus the
+    top-level ``rope_theta`` older versions read)."""
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if fraction_key is not None:
+        params["partial_rotary_factor"] = cfg.rotary_fraction
+    if cfg.rope_scaling is not None:
+        factor, low, high, context = cfg.rope_scaling
+        params |= {
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": context,
+        }  # fmt: skip
+    out = {"rope_parameters": params, "rope_theta": cfg.rope_theta}
+    if fraction_key is not None:
+        out[fraction_key] = cfg.rotary_fraction
+    return out
+
+
+def activation(name: str, table: dict[str, str], family: str) -> str:
+    """gptfn's MLP kind for a Hugging Face activation name."""
+    if name not in table:
+        raise ValueError(
+            f"{family} with activation {name!r} is not supported; supported: {sorted(table)}"
+        )
+    return table[name]
+
+
+def require(cfg: GPTConfig, family: str, wanted: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming every field of ``cfg`` that ``family`` cannot express."""
+    wrong = [
+        f"{name}={getattr(cfg, name)!r} (needs {value!r})"
+        for name, value in wanted.items()
+        if (
+            getattr(cfg, name) not in value
+            if isinstance(value, tuple)
+            else getattr(cfg, name) != value
+        )
+    ]
+    if wrong:
+        raise ValueError(f"{family} cannot hold {', '.join(wrong)}")
+
+
+def heads_in(w: Tensor, heads: int) -> Tensor:
+    """An ``nn.Linear`` weight [(h k), d] as gptfn's [d, h, k] (a view)."""
+    return rearrange(w, "(h k) d -> d h k", h=heads)
+
+
+def heads_out(w: Tensor) -> Tensor:
+    """gptfn's [d, h, k] as an ``nn.Linear`` weight [(h k), d]."""
+    return rearrange(w, "d h k -> (h k) d")
+
+
+def norm_in(reader: Reader, prefix: str, bias: bool | None = None) -> dict[str, Tensor]:
+    """``{scale, bias}`` from ``{prefix}.weight`` / ``.bias`` (bias when present, or as asked)."""
+    out = {"scale": reader.take(f"{prefix}.weight")}
+    if bias or (bias is None and f"{prefix}.bias" in reader):
+        out["bias"] = reader.take(f"{prefix}.bias")
+    return out
+
+
+def norm_out(p: Params, prefix: str, *, bias: bool = False) -> dict[str, Tensor]:
+    """``{prefix}.weight`` (and ``.bias``: the tree's, or zeros when ``bias`` is required)."""
+    out = {f"{prefix}.weight": p["scale"]}
+    if "bias" in p or bias:
+        out[f"{prefix}.bias"] = p.get("bias", torch.zeros_like(p["scale"]))
+    return out
+
+
+def zeros_if_none(b: Tensor | None, like: Tensor, width: int) -> Tensor:
+    """A bias, or zeros of ``width`` (for formats that always store a bias)."""
+    return b if b is not None else like.new_zeros(width)

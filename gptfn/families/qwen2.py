@@ -1,0 +1,49 @@
+"""Qwen2 (``Qwen2ForCausalLM``, model_type ``qwen2``): Llama's layout with biases on queries,
+keys and values only. The weights use Llama's names, so the converters are Llama's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gptfn.families import llama
+from gptfn.families.common import require
+from gptfn.model import GPTConfig
+from gptfn.typing import Params, Tensor
+
+MODEL_TYPE = "qwen2"
+ARCHITECTURE = "Qwen2ForCausalLM"
+
+
+def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
+    """GPTConfig from a Qwen2 config.json (sliding-window attention is not supported)."""
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if hf.get("use_sliding_window") or layer_types != {"full_attention"}:
+        raise ValueError(
+            "Qwen2 with sliding-window attention is not supported (use_sliding_window / "
+            f"layer_types {sorted(layer_types)}); gptfn attends over the full context"
+        )
+    hf = {**hf, "attention_bias": False, "mlp_bias": False}
+    cfg = llama.config_from_hf(hf, family="Qwen2")
+    return GPTConfig.from_dict({**cfg.to_dict(), "qkv_bias": True})
+
+
+def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
+    """A Qwen2 config.json for ``cfg`` (ValueError if Qwen2 cannot express it)."""
+    require(
+        cfg, "Qwen2",
+        {"position": "rotary", "rotary_fraction": 1.0, "norm": "rmsnorm", "norm_bias": False,
+         "mlp": ("swiglu", "geglu"), "qkv_bias": True, "bias": False, "mlp_bias": False,
+         "qk_norm": False, "parallel_residual": False, "logit_softcap": None},
+    )  # fmt: skip
+    return {
+        "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **llama._common_to_hf(cfg),
+        "use_sliding_window": False,
+    }  # fmt: skip
+
+
+def from_hf(state_dict: dict[str, Tensor], cfg: GPTConfig) -> Params:
+    """A gptfn tree from a ``Qwen2ForCausalLM`` state dict."""
+    return llama.from_hf(state_dict, cfg, family="Qwen2")
+
+
+to_hf = llama.to_hf

@@ -1,0 +1,188 @@
+"""Causal self-attention: projections, QK-norm, rotary, the key/value cache, softmax attention.
+
+``self_attention`` is the attention step of the one block. With a cache it calls
+:func:`update_cache`, which writes this step's keys and values into the cache's preallocated
+buffers [batch, max_len, n_kv_head, d_head] at the slots it is given (a tensor, so a compiled
+decode step has one static shape) and returns the buffers to attend over; without a cache the
+step is plain causal self-attention over the sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from gptfn.model.config import GPTConfig
+from gptfn.model.layers import (
+    Hook,
+    apply_rotary,
+    dense,
+    linear_heads,
+    norm,
+    tap,
+    wants,
+)
+from gptfn.typing import Float, Params, Tensor
+
+__all__ = ["attend", "attention_out", "attention_qkv", "self_attention", "update_cache"]
+
+AttentionImpl = Literal["fast", "reference"]
+
+
+def attention_qkv(
+    p: Params, x: Float[Tensor, "batch seq d_model"]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries [batch seq head d_head], keys and values [batch seq kv_head d_head]."""
+    return tuple(linear_heads(x, p[f"w_{n}"], p.get(f"b_{n}")) for n in "qkv")  # type: ignore[return-value]
+
+
+def _qkv_per_head_inputs(
+    p: Params, x: Tensor, hook: Hook, prefix: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys, values from a copy of the normed input per head (``q_input`` ...
+    [batch seq head d_model]), so each head's input can be patched on its own. Same
+    projections as :func:`attention_qkv`; only run when such a name is asked for."""
+    out = []
+    for n in "qkv":
+        heads = p[f"w_{n}"].shape[1]
+        per_head = tap(hook, f"{prefix}{n}_input", repeat(x, "b s d -> b s h d", h=heads))
+        y = torch.einsum("bshd,dhk->bshk", per_head, p[f"w_{n}"])
+        out.append(y if f"b_{n}" not in p else y + p[f"b_{n}"])
+    return out[0], out[1], out[2]
+
+
+def update_cache(
+    cache: dict[str, Tensor], k: Tensor, v: Tensor, slots: Tensor, width: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Write ``k``, ``v`` [batch n kv_head d_head] into the cache buffers at ``slots`` [n]
+    (in place, like a donated buffer) and return the buffers' first ``width`` slots (default:
+    all of them) to attend over."""
+    cache["k"].index_copy_(1, slots, k.to(cache["k"].dtype))
+    cache["v"].index_copy_(1, slots, v.to(cache["v"].dtype))
+    if width is None or width == cache["k"].shape[1]:
+        return cache["k"], cache["v"]
+    return cache["k"][:, :width], cache["v"][:, :width]
+
+
+def self_attention(
+    p: Params,
+    ln: Params,
+    x: Float[Tensor, "batch seq d_model"],
+    cfg: GPTConfig,
+    *,
+    rope: tuple[Tensor, Tensor] | None = None,
+    mask: Tensor | None = None,
+    cache: dict[str, Tensor] | None = None,
+    slots: Tensor | None = None,
+    impl: AttentionImpl = "fast",
+    hook: Hook | None = None,
+    prefix: str = "",
+) -> Float[Tensor, "batch seq d_model"]:
+    """The attention branch of a block: norm ``ln``, project, (QK-norm), (rotate), (cache),
+    attend, project out. ``prefix`` is ``blocks.{i}.``; names are ``ln_1.*`` and ``attn.*``."""
+    a = prefix + "attn."
+    x = norm(ln, x, cfg, hook, prefix + "ln_1.")
+    if any(wants(hook, f"{a}{n}_input") for n in "qkv"):
+        q, k, v = _qkv_per_head_inputs(p, x, hook, a)  # type: ignore[arg-type]
+    else:
+        q, k, v = attention_qkv(p, x)
+    if hook is not None:
+        q, k, v = (hook(f"{a}{n}", t) for n, t in zip("qkv", (q, k, v)))
+    if cfg.qk_norm:
+        q = norm(p["q_norm"], q, cfg, hook, a + "q_norm.")
+        k = norm(p["k_norm"], k, cfg, hook, a + "k_norm.")
+    if rope is not None:
+        q = tap(hook, a + "rot_q", apply_rotary(q, *rope))
+        k = tap(hook, a + "rot_k", apply_rotary(k, *rope))
+    if cache is not None:  # attend over as many slots as the mask covers
+        width = None if mask is None else mask.shape[-1]
+        k, v = update_cache(cache, k, v, slots, width)  # type: ignore[arg-type]
+    z = tap(hook, a + "z", attend(q, k, v, impl=impl, mask=mask, hook=hook, prefix=a))
+    if wants(hook, a + "result"):
+        result = tap(hook, a + "result", torch.einsum("bshk,hkd->bshd", z, p["w_o"]))
+        out = result.sum(-2) if "b_o" not in p else result.sum(-2) + p["b_o"]
+    else:
+        out = attention_out(p, z)
+    return tap(hook, a + "out", out)
+
+
+def attend(
+    q: Float[Tensor, "batch q_seq head d_head"],
+    k: Float[Tensor, "batch k_seq kv_head d_head"],
+    v: Float[Tensor, "batch k_seq kv_head d_head"],
+    *,
+    impl: AttentionImpl = "fast",
+    mask: Tensor | None = None,
+    hook: Hook | None = None,
+    prefix: str = "",
+) -> Float[Tensor, "batch q_seq head d_head"]:
+    """Softmax attention scaled by 1/sqrt(d_head), per head: ``z`` before the output projection.
+
+    Keys and values may have fewer heads than queries (grouped-query attention): query head i
+    reads key/value head i // (head / kv_head), as in Hugging Face's ``repeat_kv``.
+    With ``mask=None`` it is causal, query i seeing keys 0..i (queries and keys of one length).
+    Otherwise ``mask`` is boolean, broadcastable to [batch head q_seq k_seq], True = may attend.
+    ``impl="fast"`` calls ``F.scaled_dot_product_attention``; ``"reference"`` spells the same
+    function out with an explicit mask. Under nested torch.func transforms (grad of grad,
+    jvp, vmap) the fast path runs SDPA's math backend (see ``_needs_math_sdpa``). ``hook`` sees
+    ``{prefix}scores`` and ``{prefix}pattern`` on the reference path; a hook that wants either
+    selects the reference path.
+    """
+    q, k, v = (rearrange(t, "b s h k -> b h s k") for t in (q, k, v))
+    wants_pattern = wants(hook, prefix + "scores") or wants(hook, prefix + "pattern")
+    if impl == "reference" or (impl == "fast" and wants_pattern):
+        z = _reference_attention(q, k, v, mask, hook, prefix)
+    elif impl == "fast":
+        z = _sdpa(q, k, v, mask)
+    else:
+        raise ValueError(f"attention impl must be 'fast' or 'reference', got {impl!r}")
+    return rearrange(z, "b h s k -> b s h k")
+
+
+def _needs_math_sdpa() -> bool:
+    """True under any torch.func transform but a single ``grad``: the fused CPU kernels have no
+    batching rule (vmap would loop), no forward-mode AD (jvp) and no double backward."""
+    level = torch._C._functorch.maybe_current_level()
+    if level is None:
+        return False
+    return level >= 2 or retrieve_current_functorch_interpreter().key() != TransformType.Grad
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    kwargs: dict[str, Any] = {"is_causal": True} if mask is None else {"attn_mask": mask}
+    if k.shape[1] != q.shape[1]:
+        kwargs["enable_gqa"] = True
+    if _needs_math_sdpa():
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def _reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, hook: Hook | None = None, prefix: str = ""
+) -> Tensor:
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhqk,bhsk->bhqs", q, k) / math.sqrt(q.shape[-1])
+    if mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    scores = tap(hook, prefix + "scores", scores.masked_fill(~mask, float("-inf")))
+    pattern = tap(hook, prefix + "pattern", scores.softmax(dim=-1))
+    return torch.einsum("bhqs,bhsk->bhqk", pattern, v)
+
+
+def attention_out(
+    p: Params, z: Float[Tensor, "batch seq head d_head"]
+) -> Float[Tensor, "batch seq d_model"]:
+    """Output projection: sum over heads of z_h @ w_o[h] (+ b_o)."""
+    return dense(
+        rearrange(z, "b s h k -> b s (h k)"), rearrange(p["w_o"], "h k d -> (h k) d"), p.get("b_o")
+    )

@@ -1,0 +1,303 @@
+"""``init``, the one ``block``, ``forward`` and ``loss``.
+
+``forward`` (training, evaluation, capture/patching through ``hook``, remat) and
+``gptfn.generation`` (with a key/value cache) both run :func:`run_blocks`, which calls
+:func:`block` for every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optree
+import torch
+import torch.nn.functional as F
+
+from gptfn.model.attention import AttentionImpl, self_attention
+from gptfn.model.config import GPTConfig, config_of
+from gptfn.model.layers import Hook, dropout, embed, linear, mlp, norm, rotary_tables, tap
+from gptfn.remat import remat as checkpoint_block
+from gptfn.typing import Float, Int, Params, Tensor, checked, is_transformed, runtime_checks_enabled
+
+__all__ = ["block", "check_params", "check_tokens", "forward", "init", "loss", "unembed"]
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def _spec(cfg: GPTConfig) -> dict[str, Any]:
+    """The tree's layout: each leaf is ``(shape, how to initialise it)``. Insertion order is the
+    order ``init`` draws in (the default config draws exactly as gptfn always did)."""
+    d, h, g, k, f = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.d_head, cfg.d_mlp
+
+    def norm_spec(width: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"scale": ((width,), "ones")}
+        if cfg.norm_bias:
+            out["bias"] = ((width,), "zeros")
+        return out
+
+    def block_spec() -> dict[str, Any]:
+        attn: dict[str, Any] = {
+            "w_q": ((d, h, k), "normal"),
+            "w_k": ((d, g, k), "normal"),
+            "w_v": ((d, g, k), "normal"),
+            "w_o": ((h, k, d), "resid"),
+        }
+        if cfg.qkv_bias:
+            attn |= {"b_q": ((h, k), "zeros"), "b_k": ((g, k), "zeros"), "b_v": ((g, k), "zeros")}
+        if cfg.bias:
+            attn["b_o"] = ((d,), "zeros")
+        if cfg.qk_norm:
+            attn |= {"q_norm": norm_spec(k), "k_norm": norm_spec(k)}
+        mlp_p: dict[str, Any] = {"w_gate": ((d, f), "normal")} if cfg.gated else {}
+        mlp_p |= {"w_in": ((d, f), "normal"), "w_out": ((f, d), "resid")}
+        if cfg.mlp_bias:
+            mlp_p |= {"b_in": ((f,), "zeros"), "b_out": ((d,), "zeros")}
+            if cfg.gated:
+                mlp_p["b_gate"] = ((f,), "zeros")
+        return {"ln_1": norm_spec(d), "attn": attn, "ln_2": norm_spec(d), "mlp": mlp_p}
+
+    spec: dict[str, Any] = {"wte": ((cfg.vocab_size, d), "normal")}
+    if cfg.position == "learned":
+        spec["wpe"] = ((cfg.block_size, d), "normal")
+    spec["blocks"] = [block_spec() for _ in range(cfg.n_layer)]
+    spec["ln_f"] = norm_spec(d)
+    if not cfg.tie_embeddings:
+        spec["unembed"] = ((cfg.vocab_size, d), "normal")
+    return spec
+
+
+def init(
+    cfg: GPTConfig,
+    seed: int = 0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Params:
+    """Fresh parameters for ``cfg`` (the tree carries ``cfg`` as ``params["config"]``):
+    N(0, 0.02) weights, N(0, 0.02/sqrt(2 n_layer)) residual outputs (``w_o``, ``w_out``),
+    zero biases, unit norm scales. Deterministic in ``seed``. ``device="meta"`` gives the
+    tree's shapes with no storage and no drawing (like ``jax.eval_shape``)."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = {"normal": 0.02, "resid": 0.02 / math.sqrt(2 * cfg.n_layer)}
+    abstract = device is not None and torch.device(device).type == "meta"
+
+    def build(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: build(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [build(value) for value in node]
+        shape, kind = node
+        if abstract:
+            return torch.empty(shape, dtype=dtype, device="meta")
+        if kind == "ones":
+            value = torch.ones(shape)
+        elif kind == "zeros":
+            value = torch.zeros(shape)
+        else:
+            value = torch.randn(shape, generator=gen) * scales[kind]
+        return value.to(device=device, dtype=dtype)
+
+    return {**build(_spec(cfg)), "config": cfg}
+
+
+def check_params(params: Params, cfg: GPTConfig | None = None) -> None:
+    """Raise ``ValueError`` unless the tree has exactly the leaves and shapes ``cfg`` (default:
+    the tree's own config) calls for; the message lists what is missing, extra or misshapen."""
+    cfg = config_of(params) if cfg is None else cfg
+    paths, shapes, _ = optree.tree_flatten_with_path(
+        _spec(cfg), is_leaf=lambda n: isinstance(n, tuple)
+    )
+    want = {".".join(map(str, p)): tuple(s[0]) for p, s in zip(paths, shapes)}
+    paths, leaves, _ = optree.tree_flatten_with_path(params)
+    have = {".".join(map(str, p)): tuple(x.shape) for p, x in zip(paths, leaves)}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    wrong = [
+        f"{n} {have[n]} (expected {want[n]})"
+        for n in sorted(want)
+        if have.get(n, want[n]) != want[n]
+    ]
+    if missing or extra or wrong:
+        raise ValueError(
+            f"parameters do not fit {cfg}: missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"wrong shapes {wrong[:5]}"
+        )
+
+
+# ----------------------------------------------------------------------------- the block
+
+
+def block(
+    p: Params,
+    x: Float[Tensor, "batch seq d_model"],
+    cfg: GPTConfig,
+    *,
+    rope: tuple[Tensor, Tensor] | None = None,
+    mask: Tensor | None = None,
+    cache: dict[str, Tensor] | None = None,
+    slots: Tensor | None = None,
+    attention: AttentionImpl = "fast",
+    dropout_rate: float = 0.0,
+    generator: torch.Generator | None = None,
+    hook: Hook | None = None,
+    prefix: str = "",
+) -> Float[Tensor, "batch seq d_model"]:
+    """One pre-norm residual block: ``x + attn(ln_1 x)`` then ``+ mlp(ln_2 x)``, or with
+    ``parallel_residual`` both branches read ``x``. ``rope`` holds the rotary tables, ``mask``
+    and ``cache``/``slots`` come from generation (see ``self_attention``); ``hook`` sees the
+    block's activations under ``prefix`` (``blocks.{i}.``)."""
+    x = tap(hook, prefix + "resid_pre", x)
+    attn_out = self_attention(
+        p["attn"], p["ln_1"], x, cfg, rope=rope, mask=mask, cache=cache, slots=slots,
+        impl=attention, hook=hook, prefix=prefix,
+    )  # fmt: skip
+    if cfg.parallel_residual:
+        mlp_in = x
+    else:
+        x = tap(hook, prefix + "resid_mid", x + dropout(attn_out, dropout_rate, generator))
+        mlp_in = x
+    mlp_in = tap(hook, prefix + "mlp_in", mlp_in)
+    mlp_out = mlp(
+        p["mlp"], norm(p["ln_2"], mlp_in, cfg, hook, prefix + "ln_2."), cfg.mlp,
+        hook=hook, prefix=prefix + "mlp.",
+    )  # fmt: skip
+    if cfg.parallel_residual:
+        x = x + dropout(attn_out, dropout_rate, generator)
+    return tap(hook, prefix + "resid_post", x + dropout(mlp_out, dropout_rate, generator))
+
+
+def unembed(
+    params: Params, x: Float[Tensor, "*batch d_model"], hook: Hook | None = None
+) -> Float[Tensor, "*batch vocab"]:
+    """Final norm, then logits through the (tied unless ``unembed`` exists) embedding, then the
+    optional soft-cap."""
+    cfg = config_of(params)
+    logits = linear(
+        norm(params["ln_f"], x, cfg, hook, "ln_f."), params.get("unembed", params["wte"]), None
+    )
+    if cfg.logit_softcap is not None:
+        logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+    return logits
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def check_tokens(params: Params, tokens: Tensor, name: str = "tokens", *, allow: int = 0) -> None:
+    """Raise unless ``tokens`` fit the model: length <= block_size, ids in [-allow, vocab).
+
+    The length check is free and always runs; the id check reads values, so it is skipped when
+    checks are off or ``tokens`` is a torch.func/compile-traced (or meta) tensor.
+    """
+    cfg = config_of(params)
+    if tokens.shape[-1] > cfg.block_size:
+        raise ValueError(
+            f"{name} has sequence length {tokens.shape[-1]}, longer than block_size "
+            f"{cfg.block_size}"
+        )
+    if tokens.is_floating_point():
+        raise TypeError(f"{name} must be an integer tensor, got dtype {tokens.dtype}")
+    if (
+        runtime_checks_enabled()
+        and tokens.numel()
+        and tokens.device.type != "meta"
+        and not is_transformed(tokens)
+    ):
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < -allow or hi >= cfg.vocab_size:
+            bad = lo if lo < -allow else hi
+            raise ValueError(
+                f"{name} contains id {bad}, outside [{-allow}, {cfg.vocab_size}) for this model"
+            )
+
+
+def run_blocks(
+    params: Params,
+    tokens: Tensor,
+    positions: Tensor,
+    *,
+    mask: Tensor | None = None,
+    caches: list[dict[str, Tensor]] | None = None,
+    slots: Tensor | None = None,
+    attention: AttentionImpl = "fast",
+    dropout_rate: float = 0.0,
+    generator: torch.Generator | None = None,
+    remat: bool = False,
+    hook: Hook | None = None,
+) -> Tensor:
+    """Embed, run every block, unembed: the body of ``forward`` and of cached generation."""
+    cfg = config_of(params)
+    if hook is None:
+        x = embed(params, tokens, positions)
+    else:
+        x = hook("embed", F.embedding(tokens, params["wte"]))
+        if "wpe" in params:
+            x = x + hook("pos_embed", F.embedding(positions, params["wpe"]).expand_as(x))
+    x = dropout(x, dropout_rate, generator)
+    rope = rotary_tables(cfg, positions) if cfg.position == "rotary" else None
+    for i, p in enumerate(params["blocks"]):
+        options = {
+            "rope": rope, "mask": mask, "attention": attention, "dropout_rate": dropout_rate,
+            "generator": generator, "hook": hook, "prefix": f"blocks.{i}.",
+        }  # fmt: skip
+        if caches is not None:
+            options |= {"cache": caches[i], "slots": slots}
+        if remat:
+            x = checkpoint_block(lambda p, x, o=options: block(p, x, cfg, **o))(p, x)
+        else:
+            x = block(p, x, cfg, **options)
+    return unembed(params, x, hook)
+
+
+@checked
+def forward(
+    params: Params,
+    tokens: Int[Tensor, "batch seq"],
+    *,
+    attention: AttentionImpl = "fast",
+    dropout: float = 0.0,
+    generator: torch.Generator | None = None,
+    remat: bool = False,
+    hook: Hook | None = None,
+) -> Float[Tensor, "batch seq vocab"]:
+    """Logits for every position of ``tokens``; pure in ``params``.
+
+    Args:
+      params: a tree from :func:`init`, ``gptfn.load_pretrained`` or a checkpoint; its
+        ``config`` says the architecture (trees without one are read as GPT-2).
+      tokens: token ids [batch, seq], seq <= block_size.
+      attention: ``"fast"`` (fused SDPA) or ``"reference"`` (explicit mask; same function).
+      dropout: rate of inverted dropout on the embeddings and each residual branch, drawn from
+        ``generator`` (an explicit ``torch.Generator``) or the global RNG.
+      remat: recompute each block's activations in the backward pass instead of storing them.
+      hook: ``hook(name, activation)`` sees and may replace every named activation
+        (``gptfn.inspect``).
+
+    Returns:
+      Logits [batch, seq, vocab].
+    """
+    check_tokens(params, tokens)
+    if remat and generator is not None and dropout > 0:
+        raise ValueError("remat replays dropout from the global RNG: pass generator=None")
+    if remat and hook is not None:
+        raise ValueError("remat does not combine with hooks (activation capture/patching)")
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    return run_blocks(
+        params, tokens, positions, attention=attention, dropout_rate=dropout,
+        generator=generator, remat=remat, hook=hook,
+    )  # fmt: skip
+
+
+@checked
+def loss(
+    params: Params,
+    tokens: Int[Tensor, "batch seq"],
+    targets: Int[Tensor, "batch seq"],
+    **forward_kwargs: Any,
+) -> Float[Tensor, ""]:
+    """Mean next-token cross-entropy; positions whose target is -1 are ignored."""
+    check_tokens(params, targets, "targets", allow=1)
+    logits = forward(params, tokens, **forward_kwargs)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)

@@ -1,0 +1,221 @@
+"""Pretrained models in Hugging Face's folder format, both ways, from local files.
+
+``load_pretrained(path_or_id)`` reads a folder with ``config.json`` and safetensors weights
+(one ``model.safetensors`` or shards listed in ``model.safetensors.index.json``), or a model id
+already in the local Hugging Face cache (``huggingface_hub`` resolves it, and downloads only
+where the network and the user allow it; ``HF_HUB_OFFLINE=1`` forbids that). Weights are only
+ever read from safetensors: gptfn never unpickles. ``save_pretrained`` writes a folder that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gptfn.data.tokenizers import HFTokenizer, Tokenizer, tokenizer_json
+from gptfn.families import family, from_hf, hf_config, to_hf
+from gptfn.model import config_of
+from gptfn.tree import cast
+from gptfn.typing import Params
+
+__all__ = ["load_pretrained", "load_pretrained_tokenizer", "resolve_pretrained", "save_pretrained"]
+
+_FILES = [
+    "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+]  # fmt: skip
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def resolve_pretrained(
+    path_or_id: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+) -> Path:
+    """The local folder of a model: ``path_or_id`` itself when it is a folder, else the
+    snapshot of that model id in the Hugging Face cache (fetched only if allowed)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"{path_or_id} is not a model folder (no such directory)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise RuntimeError(
+            f"{path_or_id!r} is not a local folder; resolving model ids needs huggingface_hub "
+            "(pip install huggingface_hub)"
+        ) from None
+    try:
+        folder = snapshot_download(
+            text, revision=revision, cache_dir=cache_dir, allow_patterns=_FILES,
+            local_files_only=bool(local_files_only),
+        )  # fmt: skip
+    except Exception as err:
+        raise FileNotFoundError(
+            f"{text!r} is neither a local folder nor a model in the Hugging Face cache that "
+            f"could be used ({type(err).__name__}: {err})"
+        ) from None
+    return Path(folder)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for pattern in _PICKLES for p in folder.glob(pattern))
+    found = f"it holds only pickled weights ({', '.join(pickles)})" if pickles else "it has none"
+    raise FileNotFoundError(
+        f"{folder} has no safetensors weights (model.safetensors or model.safetensors.index.json): "
+        f"{found}. gptfn never unpickles: loading a pickle can run arbitrary code. Convert once, "
+        'in an environment you trust: python -c "from transformers import AutoModelForCausalLM; '
+        f"AutoModelForCausalLM.from_pretrained('{folder}')"
+        f".save_pretrained('{folder}-safetensors')\" and load the new folder."
+    )
+
+
+def load_pretrained(
+    path_or_id: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+) -> Params:
+    """A gptfn tree (carrying its ``GPTConfig``) from a Hugging Face model folder or cached id.
+
+    Args:
+      path_or_id: a folder with ``config.json`` and safetensors weights, or a model id such as
+        ``"HuggingFaceTB/SmolLM2-135M"`` in the Hugging Face cache.
+      dtype: cast floating-point weights to this dtype (default: as stored).
+      device: where the tensors go.
+      revision, cache_dir, local_files_only: passed to ``huggingface_hub`` for model ids.
+
+    Returns:
+      The parameter tree; ``gptfn.forward(params, tokens)`` runs it.
+
+    Supported ``model_type``s: gpt2, llama, qwen2, gpt_neox (``gptfn.families.FAMILIES``).
+    """
+    folder = resolve_pretrained(
+        path_or_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+    )
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+    hf = json.loads(config_file.read_text(encoding="utf-8"))
+    family(
+        hf.get("model_type", "<missing>")
+    )  # an unsupported model fails before any weight is read
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(folder):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file.name}, listed in {folder}'s index, is missing")
+        state |= load_file(str(file), device=str(device))
+    params = from_hf(state, hf)
+    return params if dtype is None else cast(params, dtype)
+
+
+def load_pretrained_tokenizer(path_or_id: str | Path, **resolve_kwargs: Any) -> HFTokenizer:
+    """The ``tokenizer.json`` of a model folder or cached id, behind gptfn's tokenizer
+    interface (offline, through the ``tokenizers`` library)."""
+    return HFTokenizer.from_file(resolve_pretrained(path_or_id, **resolve_kwargs))
+
+
+def _file_tensors(params: Params, model_type: str | None) -> dict[str, torch.Tensor]:
+    """The state dict as written to disk: tied unembedding left out (transformers re-ties it),
+    contiguous CPU tensors, no two sharing storage (safetensors refuses that)."""
+    cfg = config_of(params)
+    fam = family(hf_config(params, model_type)["model_type"])
+    renames = getattr(fam, "FILE_NAMES", {})
+    out, seen = {}, set()
+    for name, tensor in to_hf(params, model_type).items():
+        if cfg.tie_embeddings and name == "lm_head.weight":
+            continue
+        t = tensor.detach().to("cpu").contiguous()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[renames.get(name, name)] = t
+    return out
+
+
+def save_pretrained(
+    params: Params,
+    path: str | Path,
+    tokenizer: Tokenizer | None = None,
+    *,
+    model_type: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``params`` as a Hugging Face model folder: ``config.json``, ``model.safetensors``
+    (and ``tokenizer.json`` when ``tokenizer`` has one). ``AutoModelForCausalLM`` loads it with
+    the same logits.
+
+    Args:
+      params: the tree to write.
+      path: the folder; it must not exist (or be empty) unless ``overwrite``.
+      tokenizer: a gptfn tokenizer backed by a ``tokenizer.json`` (``bpe`` or ``hf`` kinds).
+      model_type: the family to write (default: the first of gpt2, llama, qwen2, gpt_neox
+        that can express the config).
+      overwrite: replace an existing folder.
+
+    Returns:
+      The folder's path. The folder appears whole or not at all (written beside, then renamed).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+    tok_json = None if tokenizer is None else tokenizer_json(tokenizer)
+    if tokenizer is not None and tok_json is None:
+        raise ValueError(
+            f"a {tokenizer.to_json().get('kind')!r} tokenizer has no tokenizer.json; save the "
+            "model without it (tokenizer=None) or use a bpe / Hugging Face tokenizer"
+        )
+    config = hf_config(params, model_type) | {
+        "torch_dtype": str(params["wte"].dtype).removeprefix("torch.")
+    }
+    tensors = _file_tensors(params, model_type)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tok_json is not None:
+            (tmp / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+            special = {
+                k: v
+                for k, v in tokenizer.to_json().items()
+                if k in ("bos_token", "eos_token") and v
+            }  # type: ignore[union-attr]
+            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special}
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config), encoding="utf-8")
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

@@ -1,0 +1,139 @@
+"""Tiny random Hugging Face models of each family, built offline from their config classes.
+
+Every weight, norm scale and bias is randomised (HF initialises norms to 1 and biases to 0, which
+would hide a swapped or dropped one); head counts are odd where the family allows, and the
+Llama/Qwen2 ones use fewer key/value heads than query heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+transformers = __import__("pytest").importorskip("transformers")
+
+COMMON = {"vocab_size": 61, "attn_implementation": "sdpa"}
+LLAMA = {
+    **COMMON,
+    "hidden_size": 24,
+    "intermediate_size": 40,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 32,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+
+FAMILY_CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(
+        **COMMON,
+        n_embd=24,
+        n_layer=2,
+        n_head=3,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+    ),
+    "gpt2_untied_gelu": lambda: transformers.GPT2Config(
+        **COMMON,
+        n_embd=20,
+        n_layer=1,
+        n_head=5,
+        n_positions=24,
+        n_inner=36,
+        activation_function="gelu",
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+    ),
+    "llama_gqa": lambda: transformers.LlamaConfig(
+        **LLAMA, num_attention_heads=6, num_key_value_heads=2
+    ),
+    "llama_mqa_tied_biases": lambda: transformers.LlamaConfig(
+        **LLAMA,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+        head_dim=10,
+    ),
+    "llama3_rope_scaling": lambda: transformers.LlamaConfig(
+        **{**LLAMA, "max_position_embeddings": 64},
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        **LLAMA, num_attention_heads=3, num_key_value_heads=1, rope_theta=1e6
+    ),
+    "neox_pythia": lambda: transformers.GPTNeoXConfig(
+        **COMMON,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        max_position_embeddings=32,
+        rotary_pct=0.5,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+    ),
+    "neox_sequential": lambda: transformers.GPTNeoXConfig(
+        **COMMON,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        max_position_embeddings=32,
+        rotary_pct=0.25,
+        use_parallel_residual=False,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+    ),
+}
+
+
+def hf_model(name: str, dtype: torch.dtype = torch.float32, scale: float = 1.0):
+    """A random model of ``FAMILY_CONFIGS[name]`` in eval mode. ``scale`` multiplies the
+    matrices (peakier logits: greedy decoding then has no near-ties)."""
+    torch.manual_seed(sorted(FAMILY_CONFIGS).index(name))
+    model = transformers.AutoModelForCausalLM.from_config(FAMILY_CONFIGS[name]())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale if p.ndim > 1 else 1.0).add_(torch.randn_like(p) * 0.1)
+    return model.to(dtype).eval()
+
+
+def _rms_norm_in_input_dtype(self, x):
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+@contextlib.contextmanager
+def exact_rms_norm():
+    """Hugging Face's Llama/Qwen2 RMSNorm computes in float32 even for float64 inputs (a ~1e-7
+    rounding); inside this context it keeps the input's dtype, so a float64 model is a float64
+    reference. Nothing else of theirs changes."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2 import modeling_qwen2
+
+    classes = (modeling_llama.LlamaRMSNorm, modeling_qwen2.Qwen2RMSNorm)
+    saved = [cls.forward for cls in classes]
+    try:
+        for cls in classes:
+            cls.forward = _rms_norm_in_input_dtype
+        yield
+    finally:
+        for cls, forward in zip(classes, saved):
+            cls.forward = forward
