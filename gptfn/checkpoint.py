@@ -21,7 +21,14 @@ from gptfn.files import atomic_write
 from gptfn.model import GPTConfig, check_params
 from gptfn.tree import flatten, unflatten
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_run", "checkpoint_path", "flat_state"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_run",
+    "checkpoint_path",
+    "flat_state",
+    "read_meta",
+]
 
 Tree = Any
 
@@ -70,6 +77,18 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
     except (SafetensorError, KeyError, ValueError, OSError) as err:
         raise ValueError(f"corrupt or foreign checkpoint {path}: {err}") from None
     return tensors, meta, config
+
+
+def read_meta(path: str | Path) -> dict:
+    """A checkpoint's JSON metadata alone (step, model, tokenizer ...), without its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["gptfn"])
+    except (SafetensorError, KeyError, ValueError, OSError) as err:
+        raise ValueError(f"corrupt or foreign checkpoint {path}: {err}") from None
 
 
 def load_checkpoint(

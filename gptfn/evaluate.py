@@ -142,10 +142,12 @@ def evaluate_run(
     stride: int | None = None,
     bleu_samples: int = 0,
     batch_size: int = 32,
+    checkpoint: str = "last",
 ) -> dict[str, Any]:
-    """Perplexity of a run's model on its validation split (or ``data``'s, or a raw ``text``
-    file), plus BLEU of ``bleu_samples`` continuations when asked."""
-    params, tokenizer, meta = load_run(run)
+    """Perplexity of a run's model (its ``checkpoint``, "last" or "best") on its validation
+    split (or ``data``'s, or a raw ``text`` file), plus BLEU of ``bleu_samples`` continuations
+    when asked."""
+    params, tokenizer, meta = load_run(run, checkpoint)
     if text is not None:
         path = Path(text)
         if not path.is_file():

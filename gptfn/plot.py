@@ -14,10 +14,14 @@ def read_log(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no training log at {path}")
     records: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
             records[record["step"]] = record
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}, line {number}: not a log record: {line[:80]!r}") from None
     return [records[s] for s in sorted(records)]
 
 
@@ -29,6 +33,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_log(run_dir)
+    if not records:
+        raise ValueError(
+            f"{Path(run_dir) / 'log.jsonl'} has no records yet: nothing to plot (a run logs "
+            "every --log-interval steps)"
+        )
     out = Path(out) if out else Path(run_dir) / "curves.png"
     fig, (ax_loss, ax_lr) = plt.subplots(
         2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}

@@ -1,10 +1,7 @@
-"""The pure step and the loop: accumulation, remat, compile, precision, resume, checkpoints, CLI."""
+"""The pure step and the loop: accumulation, remat, compile, precision, resume, checkpoints, the
+optimizer a run asks for. The command line is tested in test_cli*.py."""
 
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
 
 import optree
 import pytest
@@ -14,10 +11,10 @@ from conftest import random_tokens
 import gptfn
 import gptfn.optim as optim
 from gptfn.checkpoint import load_checkpoint, load_run, save_checkpoint
-from gptfn.cli import main
 from gptfn.data import prepare, shakespeare
 from gptfn.testing import assert_compile_matches_eager
 from gptfn.train import TrainConfig, loss_scaling, make_train_step, train
+from gptfn.train_config import COMPILE_FLOOR, torch_version
 
 TINY = dict(
     n_layer=1,
@@ -80,6 +77,9 @@ def test_remat_gives_the_same_gradients(params, cfg):
     assert _max_diff(plain, torch.func.grad(gptfn.loss)(params, tokens, tokens, dropout=0.2)) > 1e-4
 
 
+@pytest.mark.skipif(
+    torch_version() < COMPILE_FLOOR, reason="the compiled step needs PyTorch 2.12 or newer"
+)
 def test_compiled_step_matches_eager():
     params = gptfn.init(gptfn.GPTConfig(31, 16, 1, 2, 16), seed=0)
     tx = optim.adamw(1e-2)
@@ -125,18 +125,22 @@ def test_float16_loss_scaling_skips_nonfinite_steps(params, cfg):
         )
 
 
+def tiny(**options) -> TrainConfig:
+    return TrainConfig.from_dict({**TINY, **options})
+
+
 def test_resume_is_bitwise_exact(data_dir, tmp_path):
     common = dict(TINY, data=str(data_dir), max_steps=8, dropout=0.1, eval_interval=2)
-    train(TrainConfig(out=str(tmp_path / "straight"), **common))
+    train(tiny(out=str(tmp_path / "straight"), **common))
 
     def crash(record: dict) -> None:
         if record["step"] == 4:
             raise KeyboardInterrupt("simulated kill")
 
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(out=str(tmp_path / "resumed"), **common), callbacks=[crash])
+        train(tiny(out=str(tmp_path / "resumed"), **common), callbacks=[crash])
     assert load_checkpoint(tmp_path / "resumed" / "last.safetensors")[2]["step"] == 4
-    train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **common))
+    train(tiny(out=str(tmp_path / "resumed"), resume=True, **common))
     straight, _, meta = load_run(tmp_path / "straight")
     resumed, _, meta2 = load_run(tmp_path / "resumed")
     assert meta["step"] == meta2["step"] == 8
@@ -144,14 +148,14 @@ def test_resume_is_bitwise_exact(data_dir, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
-    cfg = TrainConfig(
+    cfg = tiny(
         out=str(tmp_path),
         data=str(data_dir),
         max_steps=200,
         lr=1e12,
         grad_clip=0.0,
         optimizer="sgd",
-        **{**TINY, "warmup_steps": 0},
+        warmup_steps=0,
     )
     with pytest.raises(FloatingPointError, match="non-finite loss") as info:
         train(cfg)
@@ -176,79 +180,116 @@ def test_checkpoint_errors(tmp_path, params):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files
 
 
-def test_cli_end_to_end(data_dir, tmp_path, capsys):
+def test_resume_compares_model_and_data_before_the_optimizer_state(data_dir, tmp_path):
+    common = dict(data=str(data_dir), out=str(tmp_path / "run"), max_steps=2)
+    train(tiny(**common))
+    with pytest.raises(ValueError, match=r"another model \(.*n_embd 16 there, 32 here"):
+        train(tiny(**common, n_embd=32, resume=True))
+    other = tmp_path / "other"
+    (other / "t.txt").parent.mkdir()
+    (other / "t.txt").write_text(shakespeare()[20_000:40_000].upper())
+    prepare(other / "t.txt", other / "char")
+    with pytest.raises(ValueError, match=r"cannot resume: .* another tokenizer"):
+        train(tiny(**{**common, "data": str(other / "char")}, resume=True))
+
+
+def test_next_start_removes_stale_temp_files_and_only_those(data_dir, tmp_path):
     run = tmp_path / "run"
-    config = tmp_path / "train.toml"
-    config.write_text("max-steps = 6\nn_embd = 16\nlr = 0.01\n")
-    flags = [
-        "--n-layer",
-        "1",
-        "--n-head",
-        "2",
-        "--block-size",
-        "16",
-        "--batch-size",
-        "4",
-        "--eval-interval",
-        "3",
-        "--eval-steps",
-        "2",
-        "--no-progress",
-        "--sample-tokens",
-        "20",
-    ]
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(data_dir),
-                "--out",
-                str(run),
-                "--config",
-                str(config),
-                "--grad-accum",
-                "2",
-                *flags,
-            ]
-        )
-        == 0
-    )
-    out = capsys.readouterr().out
-    assert "done: 6 steps" in out
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == 6 and "val_perplexity" in records[-1]
-    assert (
-        main(
-            [
-                "sample",
-                "--run",
-                str(run),
-                "--prompt",
-                "ROMEO:",
-                "--max-new-tokens",
-                "10",
-                "--seed",
-                "1",
-            ]
-        )
-        == 0
-    )
-    assert capsys.readouterr().out.startswith("ROMEO:")
-    assert main(["eval", "--run", str(run), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["perplexity"] == pytest.approx(2.718281828 ** report["mean_nll"])
-    assert main(["plot", str(run)]) == 0 and (run / "curves.png").stat().st_size > 1000
-    assert main(["sample", "--run", str(tmp_path / "nope")]) == 1
-    assert "no run directory" in capsys.readouterr().err
+    train(tiny(data=str(data_dir), out=str(run), max_steps=2))
+    stale = [run / ".last.safetensors.k3j_x9a2.tmp", run / ".best.safetensors.0a1b2c3d.tmp"]
+    stale[0].mkdir()
+    (stale[0] / ".tmpAbC123").write_bytes(b"half a checkpoint")  # what safetensors writes first
+    stale[1].write_bytes(b"an old-style temp file")
+    keep = [run / ".notes.tmp", run / "last.safetensors.tmp", run / ".last.safetensors.tmp"]
+    for path in keep:
+        path.write_text("not gptfn's")
+    train(tiny(data=str(data_dir), out=str(run), max_steps=3, resume=True))
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
 
 
-def test_python_dash_m_entry_point():
-    out = subprocess.run(
-        [sys.executable, "-m", "gptfn", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    assert all(cmd in out for cmd in ("prepare", "train", "sample", "eval", "plot"))
+def test_a_second_signal_stops_at_once():
+    import os
+    import signal
+    import time
+
+    from gptfn.interrupt import StopSignal, TrainingInterrupted
+
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+        assert stop.signum == signal.SIGINT  # the first one only asks the loop to stop
+        with pytest.raises(TrainingInterrupted) as info:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert info.value.signum == signal.SIGTERM and info.value.checkpoint is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def _hidden_and_embedding_updates(**options) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = optim.OptimizerConfig(warmup_steps=0, grad_clip=0.0, **options)
+    tx = optim.make_optimizer(cfg, total_steps=10)
+    params = {"wte": torch.ones(5, 4), "blocks": {"w": torch.ones(4, 3)}}
+    grads = {"wte": torch.full((5, 4), 0.5), "blocks": {"w": torch.arange(12.0).reshape(4, 3)}}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return updates["blocks"]["w"], updates["wte"]
+
+
+def test_muon_has_its_own_learning_rate_and_sgd_its_own_momentum():
+    w1, e1 = _hidden_and_embedding_updates(optimizer="muon", muon_lr=0.02)
+    w2, e2 = _hidden_and_embedding_updates(optimizer="muon", muon_lr=0.04)
+    torch.testing.assert_close(w2, 2 * w1)  # muon_lr scales the Muon part ...
+    assert torch.equal(e1, e2)  # ... and not the AdamW part, which follows lr
+    _, e3 = _hidden_and_embedding_updates(optimizer="muon", muon_lr=0.02, lr=4e-3, min_lr=0)
+    torch.testing.assert_close(e3, 2 * e1)
+
+    def sgd_twice(**options):
+        tx = optim.make_optimizer(optim.OptimizerConfig("sgd", warmup_steps=0, **options), 10)
+        params, state = {"w": torch.zeros(3)}, None
+        state = tx.init(params)
+        for g in (torch.ones(3), torch.ones(3)):
+            updates, state = tx.update({"w": g}, state, params)
+        return updates["w"]
+
+    assert not torch.equal(sgd_twice(momentum=0.0), sgd_twice(momentum=0.9))
+    assert torch.equal(sgd_twice(momentum=0.5, beta1=0.1), sgd_twice(momentum=0.5, beta1=0.8))
+
+
+def _imports(path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_optim_holds_the_run_optimizer_and_imports_only_tree():
+    from pathlib import Path
+
+    import gptfn.optim
+
+    for name in ("make_optimizer", "lr_schedule", "loss_scaling", "OptimizerConfig"):
+        assert hasattr(gptfn.optim, name), name
+    for path in Path(gptfn.optim.__file__).parent.glob("*.py"):
+        ours = {m for m in _imports(path) if m.split(".")[0] == "gptfn"}
+        assert all(m == "gptfn.tree" or m.startswith("gptfn.optim") for m in ours), (path, ours)
+
+
+def test_training_code_reads_a_screen_at_a_time():
+    import ast
+    from pathlib import Path
+
+    import gptfn
+
+    root = Path(gptfn.__file__).parent
+    for name in ("train.py", "train_step.py", "train_config.py", "loop.py", "train_log.py",
+                 "interrupt.py", "run_dir.py", "cli.py"):  # fmt: skip
+        path = root / name
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 60, f"{name}: {node.name} has {length} lines"
+        assert len(path.read_text().splitlines()) <= 400, name

@@ -25,12 +25,12 @@ Batch = tuple[Tensor, Tensor]
 
 
 def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
-    """Memory-map ``{split}.bin`` of a prepared directory."""
+    """Memory-map ``{split}.bin`` of a prepared directory (little-endian, see ``prepare``)."""
     meta = load_meta(data_dir)
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise FileNotFoundError(f"missing token file {path}")
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    return np.memmap(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
 
 
 def _to_device(x: np.ndarray, device: torch.device) -> Tensor:
@@ -81,21 +81,33 @@ def sequential_batches(
 
 class Prefetcher:
     """Iterates ``make(step)`` for steps ``start, start+1, ...`` with ``depth`` batches prepared
-    ahead by a daemon thread."""
+    ahead by a daemon thread. :meth:`close` stops the thread (a loop that ends early calls it)."""
 
     def __init__(self, make: Callable[[int], Batch], start: int, stop: int, depth: int = 4) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(make, start, stop), daemon=True)
         self._thread.start()
+
+    def _put(self, item: tuple) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _fill(self, make: Callable[[int], Batch], start: int, stop: int) -> None:
         for step in range(start, stop):
             try:
-                self._queue.put((step, make(step), None))
+                item = (step, make(step), None)
             except BaseException as err:  # hand errors to the consumer instead of dying quietly
-                self._queue.put((step, None, err))
+                self._put((step, None, err))
                 return
-        self._queue.put((stop, None, StopIteration()))
+            if not self._put(item):
+                return
+        self._put((stop, None, StopIteration()))
 
     def __iter__(self) -> Iterator[tuple[int, Batch]]:
         return self
@@ -105,3 +117,8 @@ class Prefetcher:
         if err is not None:
             raise err
         return step, batch
+
+    def close(self) -> None:
+        """Stop preparing batches and let the thread end."""
+        self._closed.set()
+        self._thread.join(timeout=5)

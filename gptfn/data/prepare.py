@@ -1,8 +1,9 @@
 """``prepare``: text in, ``train.bin`` / ``val.bin`` token files plus tokenizer and meta out.
 
-Token files are flat little-endian uint16 arrays (uint32 when the vocabulary needs it), read back
-with ``np.memmap``. The validation split is the last ``val_fraction`` of the text. Every file is
-written atomically.
+Token files are flat little-endian uint16 arrays (uint32 when the vocabulary needs it), written
+and read back (``np.memmap``) as little-endian whatever the machine. The validation split is the
+last ``val_fraction`` of the text. Every file is written atomically, and a folder that already
+holds prepared data is replaced only when asked (``overwrite``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import numpy as np
 
 from gptfn.data.corpus import shakespeare
 from gptfn.data.tokenizers import Tokenizer, save_tokenizer, train_tokenizer
-from gptfn.files import atomic_write, atomic_write_text
+from gptfn.files import atomic_write, atomic_write_text, remove_stale_temps
 
-__all__ = ["prepare", "read_text", "load_meta", "token_dtype"]
+__all__ = ["prepare", "read_text", "load_meta", "token_dtype", "DATA_FILES"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", "")
+DATA_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
 
 
 def read_text(source: str | Path | None) -> str:
@@ -43,8 +45,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def _write_tokens(path: Path, ids: list[int], dtype: np.dtype) -> None:
-    array = np.asarray(ids, dtype=dtype)
+    array = np.asarray(ids, dtype=dtype.newbyteorder("<"))
     atomic_write(path, lambda tmp: array.tofile(tmp))
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to replace prepared data unless ``overwrite``; remove stale temporary files."""
+    found = [name for name in DATA_FILES if (out / name).is_file()]
+    if found and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds prepared data ({', '.join(found)}). Replace it with "
+            "--overwrite, or choose another --out."
+        )
+    remove_stale_temps(out, DATA_FILES)
 
 
 def prepare(
@@ -53,10 +66,25 @@ def prepare(
     tokenizer: str = "char",
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Tokenize ``source`` (see :func:`read_text`) into ``out_dir``; returns the meta dict."""
+    """Tokenize ``source`` into ``out_dir``; returns the meta dict.
+
+    Args:
+      source: a text file, a folder of them, or None for the built-in corpus (:func:`read_text`).
+      out_dir: where ``train.bin``, ``val.bin``, ``tokenizer.json`` and ``meta.json`` go.
+      tokenizer: ``"char"``, ``"bpe"`` or ``"gpt2"``.
+      vocab_size: the BPE vocabulary size (default 1024).
+      val_fraction: the share of the text, from its end, held out for validation.
+      overwrite: replace prepared data already in ``out_dir`` (otherwise an error).
+
+    Returns:
+      The meta dict written to ``meta.json`` (vocabulary size, token counts, dtype ...).
+    """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    out = Path(out_dir)
+    _check_out(out, overwrite)
     text = read_text(source)
     if len(text) < 100:
         raise ValueError(f"input has only {len(text)} characters: too little to train on")
@@ -66,7 +94,6 @@ def prepare(
         tokenizer, text if tokenizer == "char" else train_text, vocab_size
     )
     dtype = token_dtype(tok.vocab_size)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
     _write_tokens(out / "train.bin", train_ids, dtype)

@@ -3,7 +3,19 @@
 from gptfn.optim.aliases import adamw, hidden_matrices, lion, matrices, muon, sgd
 from gptfn.optim.base import GradientTransformation, Schedule, apply_updates, leaf_ops, set_foreach
 from gptfn.optim.combine import chain, masked
+from gptfn.optim.config import (
+    OPTIMIZERS,
+    OptimizerConfig,
+    OptionError,
+    allowed_values,
+    check_option,
+    check_options,
+    lr_schedule,
+    make_optimizer,
+    option,
+)
 from gptfn.optim.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
+from gptfn.optim.loss_scaling import loss_scaling
 from gptfn.optim.privacy import differentially_private_aggregate, per_example_global_norms
 from gptfn.optim.schedules import constant_schedule, warmup_cosine_decay_schedule
 from gptfn.optim.transforms import (
@@ -23,6 +35,16 @@ from gptfn.optim.transforms import (
 )
 
 __all__ = [
+    "OPTIMIZERS",
+    "OptimizerConfig",
+    "OptionError",
+    "allowed_values",
+    "check_option",
+    "check_options",
+    "loss_scaling",
+    "lr_schedule",
+    "make_optimizer",
+    "option",
     "InjectHyperparamsState",
     "differentially_private_aggregate",
     "inject_hyperparams",

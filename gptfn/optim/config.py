@@ -1,0 +1,214 @@
+"""The optimizer a training run asks for: settings, the learning-rate schedule, the factory.
+
+:class:`OptimizerConfig` is a dataclass whose fields carry one line of help and their allowed
+values (:func:`option`); ``gptfn train`` builds its flags and checks its TOML file from them, and
+:func:`check_option` gives the one error message every path shares. :func:`make_optimizer` turns
+the settings into a ``GradientTransformation``; it knows nothing about models or the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from gptfn.optim.aliases import adamw, lion, muon, sgd
+from gptfn.optim.base import GradientTransformation, Schedule
+from gptfn.optim.combine import chain, masked
+from gptfn.optim.schedules import warmup_cosine_decay_schedule
+from gptfn.optim.transforms import clip_by_global_norm, set_to_zero
+
+__all__ = [
+    "OPTIMIZERS",
+    "OptimizerConfig",
+    "OptionError",
+    "allowed_values",
+    "check_option",
+    "check_options",
+    "lr_schedule",
+    "make_optimizer",
+    "option",
+]
+
+OPTIMIZERS = ("adamw", "sgd", "lion", "muon")
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    low: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    check: Callable[[Any], str | None] | None = None,
+) -> Any:
+    """A dataclass field with one line of ``help`` and its allowed values: ``choices``, or a
+    range (``low <= x``, ``above < x``, ``x < below``), or ``check(value) -> problem | None``."""
+    meta = {"help": help, "choices": choices, "low": low, "above": above, "below": below}
+    return dataclasses.field(default=default, metadata=meta | {"check": check})
+
+
+class OptionError(ValueError):
+    """A setting with a value it cannot have; ``str()`` names both and what is allowed."""
+
+    def __init__(self, name: str, value: Any, problem: str) -> None:
+        super().__init__(f"{name}: invalid value {value!r}: {problem}")
+        self.name, self.value, self.problem = name, value, problem
+
+
+def allowed_values(f: dataclasses.Field) -> str | None:
+    """The allowed values of an :func:`option` field, in words (None: any of its type)."""
+    meta = f.metadata
+    if meta.get("choices"):
+        return "one of " + ", ".join(meta["choices"])
+    parts = [
+        f"{op} {meta[key]:g}"
+        for key, op in (("low", ">="), ("above", ">"), ("below", "<"))
+        if meta.get(key) is not None
+    ]
+    return "must be " + " and ".join(parts) if parts else None
+
+
+@functools.cache
+def _types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(kind: Any, value: Any) -> Any:
+    """``value`` as ``kind`` (int, float, str, bool, or X | None), or raise TypeError."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        if value is None:
+            return None
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise TypeError("expected a finite number")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        raise TypeError(f"expected {names.get(kind, kind.__name__)}, got {type(value).__name__}")
+    return value
+
+
+def check_option(cls: type, name: str, value: Any) -> Any:
+    """``value`` checked (type, then allowed values) for field ``name`` of dataclass ``cls``;
+    returns it converted (an int where a float is expected becomes a float).
+
+    Raises:
+      OptionError: naming the field, the value and what is allowed.
+    """
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    try:
+        value = _coerce(_types(cls)[name], value)
+    except TypeError as err:
+        raise OptionError(name, value, str(err)) from None
+    if value is None:
+        return value
+    meta = f.metadata
+    bad = (
+        (meta.get("choices") and value not in meta["choices"])
+        or (meta.get("low") is not None and value < meta["low"])
+        or (meta.get("above") is not None and value <= meta["above"])
+        or (meta.get("below") is not None and value >= meta["below"])
+    )
+    if bad:
+        raise OptionError(name, value, allowed_values(f) or "not allowed")
+    problem = meta["check"](value) if meta.get("check") else None
+    if problem:
+        raise OptionError(name, value, problem)
+    return value
+
+
+def check_options(obj: Any) -> None:
+    """Check (and convert in place) every field of dataclass instance ``obj``."""
+    for f in dataclasses.fields(obj):
+        object.__setattr__(obj, f.name, check_option(type(obj), f.name, getattr(obj, f.name)))
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """What optimizer a run uses and how its learning rate moves (warm-up, then cosine)."""
+
+    optimizer: str = option(
+        "adamw",
+        "adamw, sgd (Nesterov momentum), lion, or muon (AdamW on vectors and embeddings)",
+        choices=OPTIMIZERS,
+    )
+    lr: float = option(2e-3, "peak learning rate (muon: of its AdamW part)", above=0)
+    min_lr: float = option(2e-4, "learning rate at the end of the cosine decay", low=0)
+    warmup_steps: int = option(100, "steps of linear warm-up from 0 to the peak", low=0)
+    weight_decay: float = option(
+        0.1, "decoupled weight decay on matrices (adamw, lion; sgd and muon: none)", low=0
+    )
+    beta1: float = option(0.9, "first-moment decay (adamw, lion, muon's AdamW)", low=0, below=1)
+    beta2: float = option(0.99, "second-moment decay (adamw, lion, muon's AdamW)", low=0, below=1)
+    momentum: float = option(0.9, "sgd's Nesterov momentum", low=0, below=1)
+    muon_lr: float = option(0.02, "muon's peak learning rate on hidden matrices", above=0)
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)", low=0)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.min_lr > self.lr:
+            raise OptionError("min_lr", self.min_lr, f"must be <= lr ({self.lr})")
+
+
+def lr_schedule(cfg: OptimizerConfig, total_steps: int, peak: float | None = None) -> Schedule:
+    """Linear warm-up to ``peak`` (default ``cfg.lr``), then cosine decay to the same ratio of
+    ``min_lr / lr`` at ``total_steps``."""
+    peak = cfg.lr if peak is None else peak
+    floor = cfg.min_lr * peak / cfg.lr
+    return warmup_cosine_decay_schedule(
+        0.0, peak, cfg.warmup_steps, max(total_steps, cfg.warmup_steps), floor
+    )
+
+
+def make_optimizer(
+    cfg: OptimizerConfig,
+    total_steps: int,
+    owned: Callable[[str, Tensor], bool] | None = None,
+) -> GradientTransformation:
+    """The optimizer ``cfg`` names, on its warm-up + cosine schedule, after gradient clipping.
+
+    Args:
+      cfg: the settings.
+      total_steps: where the cosine decay ends (the run's ``max_steps``).
+      owned: ``(path, leaf) -> bool``, the leaves this process updates (default all; ZeRO-1
+        gives each rank its share); the others get zero updates.
+
+    Returns:
+      A ``GradientTransformation`` over a flat ``{path: leaf}`` dict or any tree. Its state is
+      keyed by parameter path, so a checkpoint's state is the same whatever the world size or
+      sharding.
+    """
+    schedule = lr_schedule(cfg, total_steps)
+    if cfg.optimizer == "adamw":
+        tx = adamw(schedule, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        tx = sgd(schedule, momentum=cfg.momentum, nesterov=True)
+    elif cfg.optimizer == "lion":
+        tx = lion(schedule, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "muon":
+        tx = muon(
+            lr_schedule(cfg, total_steps, peak=cfg.muon_lr),
+            adam_learning_rate=schedule,
+            b1=cfg.beta1,
+            b2=cfg.beta2,
+        )
+    else:
+        raise OptionError("optimizer", cfg.optimizer, "one of " + ", ".join(OPTIMIZERS))
+    mine = owned if owned is not None else (lambda path, leaf: True)
+    tx = chain(masked(tx, mine), masked(set_to_zero(), lambda path, leaf: not mine(path, leaf)))
+    return chain(clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip > 0 else tx
