@@ -46,8 +46,9 @@ from gptfn.distributed import (
     setup,
     teardown,
 )
+from gptfn.finetune import pretrained_start
 from gptfn.interrupt import StopSignal, TrainingInterrupted
-from gptfn.model import GPTConfig, init, loss
+from gptfn.model import GPTConfig, config_of, init, loss
 from gptfn.optim import loss_scaling, make_optimizer
 from gptfn.run_dir import check_run_dir, clean_temps, clear_run, trim_log
 from gptfn.train_config import TrainConfig
@@ -104,6 +105,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict], None]] = ()) -> dic
 
 def _train(cfg: TrainConfig, env: DistEnv, callbacks: list[Callable[[dict], None]]) -> dict:
     run = _setup(cfg, env)
+    cfg = run.cfg  # with init_from: the pretrained model's architecture filled in
     _resume(run)
     if run.start >= cfg.run.max_steps and env.is_main:
         print(f"the run is at step {run.start} already (--max-steps {cfg.run.max_steps})")
@@ -152,8 +154,13 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
     if env.world_size > 1:
         dist.barrier()
     data_dir = _data_dir(cfg)
-    model_cfg = cfg.model.gpt_config(load_meta(data_dir)["vocab_size"])
-    params = init(model_cfg, seed=cfg.run.seed, device=env.device)
+    tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+    if cfg.model.init_from is not None:  # the architecture is the pretrained model's
+        params, cfg = pretrained_start(cfg, tokenizer, data_dir, env.device)
+        model_cfg = config_of(params)
+    else:
+        model_cfg = cfg.model.gpt_config(load_meta(data_dir)["vocab_size"])
+        params = init(model_cfg, seed=cfg.run.seed, device=env.device)
     sharded = cfg.run.shard_optimizer and env.world_size > 1
     owners = assign_owners(params, env.world_size) if sharded else None
     mine = (lambda path, leaf: owners[path] == env.rank) if sharded else None
@@ -174,7 +181,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         env=env,
         run_dir=run_dir,
         data_dir=data_dir,
-        tokenizer=load_tokenizer(data_dir / "tokenizer.json"),
+        tokenizer=tokenizer,
         train_data=load_tokens(data_dir, "train"),
         val_data=load_tokens(data_dir, "val"),
         model_cfg=model_cfg,
