@@ -19,6 +19,7 @@ from gptfn.cli_models import (
     export_args,
     load_model,
     prepare_tokenizer,
+    print_samples,
 )
 
 __all__ = ["build_parser", "main"]
@@ -171,7 +172,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         from gptfn.checkpoint import load_run
 
         params, tokenizer, _ = load_run(summary["run_dir"], "last")
-        _print_samples(
+        print_samples(
             params,
             tokenizer,
             ["\n"],
@@ -215,37 +216,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(json.dumps(meta, indent=2))
 
 
-def _print_samples(
-    params: Any, tok: Any, prompts: list[str], max_new: int, sampling: dict, stream: bool
-) -> None:
-    """Generate one continuation per prompt in one batch (each prompt after the tokenizer's
-    leading special ids, e.g. Llama's BOS; a row stops at its EOS); with ``stream`` print the
-    first as its tokens come and the others when done (the same text as without ``stream``)."""
-    from gptfn.generation import generate, generate_stream
-
-    lead = tok.leading_ids() if hasattr(tok, "leading_ids") else []
-    ids = [lead + tok.encode(p) for p in prompts]
-    kwargs = dict(sampling, sliding_window=True, eos_token_id=getattr(tok, "eos_token_id", None))
-    if not stream:
-        outputs = generate(params, ids, max_new, **kwargs)
-    else:
-        outputs, shown = [[] for _ in prompts], ""
-        print(prompts[0], end="", flush=True)
-        for step in generate_stream(params, ids, max_new, **kwargs):
-            for row, t in zip(outputs, step):
-                if t is not None:
-                    row.append(t)
-            text = tok.decode(outputs[0])  # whole: a token alone may be part of a character
-            if step[0] is not None and not text.endswith("\ufffd"):
-                print(text[len(shown) :], end="", flush=True)
-                shown = text
-        print(tok.decode(outputs[0])[len(shown) :] + "\n" + "-" * 40)
-    for i, (prompt, new) in enumerate(zip(prompts, outputs)):
-        if not (stream and i == 0):
-            print(prompt + tok.decode(new))
-            print("-" * 40)
-
-
 def cmd_sample(args: argparse.Namespace) -> None:
     prompt = args.prompt
     if args.prompt_file:
@@ -257,7 +227,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
     params, tokenizer, _ = load_model(args)
-    _print_samples(
+    print_samples(
         params,
         tokenizer,
         [prompt] * args.num_samples,

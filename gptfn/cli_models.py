@@ -1,6 +1,6 @@
-"""The command line's pretrained models: which model ``sample`` and ``eval`` read (a run, or a
-Hugging Face folder or cached id), ``gptfn export`` (a run as a Hugging Face folder), and
-``prepare --tokenizer`` with a pretrained model's tokenizer. Parsing and printing only."""
+"""The command line's models: which model ``sample`` and ``eval`` read (a run, or a Hugging Face
+folder or cached id) and how samples print, ``gptfn export`` (a run as a Hugging Face folder),
+and ``prepare --tokenizer`` with a pretrained model's tokenizer. Parsing and printing only."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_model_source", "cmd_export", "export_args", "load_model", "prepare_tokenizer"]
+__all__ = [
+    "add_model_source", "cmd_export", "export_args", "load_model", "prepare_tokenizer",
+    "print_samples",
+]  # fmt: skip
 
 TOKENIZER_KINDS = ("char", "bpe", "gpt2")
 
@@ -45,6 +48,37 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, dict | None]:
 
     params = load_pretrained(args.model, dtype=torch.float32)
     return params, load_pretrained_tokenizer(args.model), None
+
+
+def print_samples(
+    params: Any, tok: Any, prompts: list[str], max_new: int, sampling: dict, stream: bool
+) -> None:
+    """Generate one continuation per prompt in one batch (each prompt after the tokenizer's
+    leading special ids, e.g. Llama's BOS; a row stops at its EOS); with ``stream`` print the
+    first as its tokens come and the others when done (the same text as without ``stream``)."""
+    from gptfn.generation import generate, generate_stream
+
+    lead = tok.leading_ids() if hasattr(tok, "leading_ids") else []
+    ids = [lead + tok.encode(p) for p in prompts]
+    kwargs = dict(sampling, sliding_window=True, eos_token_id=getattr(tok, "eos_token_id", None))
+    if not stream:
+        outputs = generate(params, ids, max_new, **kwargs)
+    else:
+        outputs, shown = [[] for _ in prompts], ""
+        print(prompts[0], end="", flush=True)
+        for step in generate_stream(params, ids, max_new, **kwargs):
+            for row, t in zip(outputs, step):
+                if t is not None:
+                    row.append(t)
+            text = tok.decode(outputs[0])  # whole: a token alone may be part of a character
+            if step[0] is not None and not text.endswith("\ufffd"):
+                print(text[len(shown) :], end="", flush=True)
+                shown = text
+        print(tok.decode(outputs[0])[len(shown) :] + "\n" + "-" * 40)
+    for i, (prompt, new) in enumerate(zip(prompts, outputs)):
+        if not (stream and i == 0):
+            print(prompt + tok.decode(new))
+            print("-" * 40)
 
 
 # ----------------------------------------------------------------------------- export

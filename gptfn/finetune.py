@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptfn.data import load_tokens
+from gptfn.data import load_meta, load_tokenizer, load_tokens
 from gptfn.data.tokenizers import Tokenizer, tokenizer_mismatch
 from gptfn.model import GPTConfig, config_of
+from gptfn.optim import OptionError
 from gptfn.pretrained import load_pretrained, load_pretrained_tokenizer
 from gptfn.train_config import NOT_ARCHITECTURE, ModelOptions, TrainConfig
 from gptfn.typing import Params
@@ -28,12 +29,21 @@ __all__ = ["check_data_tokenizer", "pretrained_start", "with_pretrained_architec
 SAMPLE_TOKENS = 2048  # of each split, decoded and tokenized again by the model's tokenizer
 
 
-def pretrained_start(
-    cfg: TrainConfig, tokenizer: Tokenizer, data_dir: Path, device: torch.device | str
-) -> tuple[Params, TrainConfig]:
-    """The pretrained params (float32, on ``device``) and ``cfg`` with the model's
-    architecture, after checking the data's tokenizer and the user's options against it."""
+def pretrained_start(cfg: TrainConfig, device: torch.device | str) -> tuple[Params, TrainConfig]:
+    """The pretrained params of ``cfg.model.init_from`` (float32, on ``device``) and ``cfg``
+    with the model's architecture, after checking the data's tokenizer and the user's options
+    against it."""
     source = cfg.model.init_from
+    if cfg.data.data is None:
+        raise OptionError(
+            "init_from",
+            source,
+            "needs --data: text prepared with the model's tokenizer "
+            f"(gptfn prepare --input TEXT --tokenizer {source} --out DIR)",
+        )
+    data_dir = Path(cfg.data.data)
+    load_meta(data_dir)  # a clear error when it is not prepared data
+    tokenizer = load_tokenizer(data_dir / "tokenizer.json")
     params = load_pretrained(source, dtype=torch.float32, device=device)
     check_data_tokenizer(source, tokenizer, data_dir, config_of(params).vocab_size)
     return params, with_pretrained_architecture(cfg, config_of(params))

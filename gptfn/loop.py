@@ -143,6 +143,9 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
     torch.manual_seed(cfg.run.seed)
     run_dir = Path(cfg.run.out)
     check_run_dir(run_dir, cfg.run.resume, cfg.run.overwrite)
+    params = None
+    if cfg.model.init_from is not None:  # checked before anything is written
+        params, cfg = pretrained_start(cfg, env.device)  # and its architecture filled in
     if env.is_main:
         _warn_about_settings(cfg, env)
         _data_dir(cfg)  # rank 0 prepares the built-in corpus once, the others wait
@@ -155,12 +158,10 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         dist.barrier()
     data_dir = _data_dir(cfg)
     tokenizer = load_tokenizer(data_dir / "tokenizer.json")
-    if cfg.model.init_from is not None:  # the architecture is the pretrained model's
-        params, cfg = pretrained_start(cfg, tokenizer, data_dir, env.device)
-        model_cfg = config_of(params)
-    else:
-        model_cfg = cfg.model.gpt_config(load_meta(data_dir)["vocab_size"])
-        params = init(model_cfg, seed=cfg.run.seed, device=env.device)
+    if params is None:  # from scratch
+        vocab_size = load_meta(data_dir)["vocab_size"]
+        params = init(cfg.model.gpt_config(vocab_size), seed=cfg.run.seed, device=env.device)
+    model_cfg = config_of(params)
     sharded = cfg.run.shard_optimizer and env.world_size > 1
     owners = assign_owners(params, env.world_size) if sharded else None
     mine = (lambda path, leaf: owners[path] == env.rank) if sharded else None

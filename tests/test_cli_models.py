@@ -170,6 +170,9 @@ def test_fine_tuning_refuses_other_tokenizers_and_contradicting_flags(llama, tmp
     assert f"the data in {chars} was tokenized with another tokenizer (char)" in out.stderr
     assert f"than the model {llama}'s tokenizer.json" in out.stderr
     assert f"--tokenizer {llama}" in out.stderr  # how to prepare it instead
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+    assert main(["train", "--init-from", str(llama), "--out", str(tmp_path / "r")]) == 1
+    assert "--init-from: invalid value" in capsys.readouterr().err  # "needs --data: ..."
     bpe = tmp_path / "bpe"  # a byte-level BPE of the same size, trained on the same text
     prepare(llama.parent / "plays.txt", bpe, "bpe", vocab_size=300)
     assert main(["train", "--init-from", str(llama), "--data", str(bpe), "--out",
