@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from hf_models import transformers
-from test_cli import TINY
+from test_cli import TINY, run_all
 from test_cli import gptfn as command
 
 import gptfn as gf
@@ -74,21 +74,19 @@ def llama(tmp_path_factory):
 
 
 def test_sample_and_eval_a_pretrained_folder(llama, capsys):
+    sample, scores = run_all(  # the two commands at once (2 cores)
+        ["sample", "--model", str(llama), "--prompt", "ROMEO:", "--temperature", "0",
+         "--max-new-tokens", "6"],
+        ["eval", "--model", str(llama), "--text", str(llama.parent / "short.txt"), "--json"],
+    )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_pretrained(llama).eval()
     tok = load_pretrained_tokenizer(llama)
-    out = command("sample", "--model", str(llama), "--prompt", "ROMEO:", "--temperature", "0",
-                "--max-new-tokens", "6")  # fmt: skip
-    assert out.returncode == 0, out.stderr
     ids = torch.tensor([[tok.bos_token_id, *tok.encode("ROMEO:")]])  # Llama: after <s>
     theirs = model.generate(ids, max_new_tokens=6, do_sample=False)
-    assert out.stdout.split("\n" + "-" * 40)[0] == "ROMEO:" + tok.decode(theirs[0, ids.shape[1] :])
+    assert sample.split("\n" + "-" * 40)[0] == "ROMEO:" + tok.decode(theirs[0, ids.shape[1] :])
 
     text = (llama.parent / "short.txt").read_text()
-    out = command(
-        "eval", "--model", str(llama), "--text", str(llama.parent / "short.txt"), "--json"
-    )
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+    report = json.loads(scores)
     ids = torch.tensor([[tok.bos_token_id, *tok.encode(text)]])
     with torch.no_grad():
         nll = float(model(ids, labels=ids).loss)  # every token after <s> scored
@@ -180,7 +178,10 @@ def test_fine_tuning_refuses_other_tokenizers_and_contradicting_flags(llama, tmp
     assert "is ids [" in capsys.readouterr().err  # same vocabulary size, other ids
 
     data = tmp_path / "data"
-    prepare(llama.parent / "plays.txt", data, load_pretrained_tokenizer(llama))
+    tokenizer_file = str(llama / "tokenizer.json")  # the file itself will do, too
+    assert main(["prepare", "--input", str(llama.parent / "plays.txt"), "--tokenizer",
+                 tokenizer_file, "--out", str(data)]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["vocab_size"] == 300
     argv = ["train", "--init-from", str(llama), "--data", str(data), "--out", str(tmp_path / "r")]
     assert main([*argv, *FINE_TUNE, "--n-layer", "4", "--norm", "layernorm", "--block-size",
                  "64"]) == 1  # fmt: skip
