@@ -7,7 +7,7 @@ their own, and re-exports the names most code needs (below, in ``__all__``). ``g
 is the exception: it imports ``hypothesis``, a dev extra, so it is loaded on first access (a
 module ``__getattr__``), not by ``import gptfn``; without hypothesis installed that access
 raises an ``ImportError`` that says what to install.
-The CLI (``gptfn.cli``) sits above the library and is not imported here.
+The CLI (``gptfn.cli``, ``gptfn.cli_models``) sits above the library and is not imported here.
 """
 
 from __future__ import annotations

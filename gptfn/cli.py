@@ -1,5 +1,5 @@
-"""The ``gptfn`` command: prepare, train, sample, eval, plot. Parsing and printing only; the work
-is done by the library."""
+"""The ``gptfn`` command: prepare, train, sample, eval, export, plot. Parsing and printing only;
+the work is done by the library (pretrained models' parts: ``gptfn.cli_models``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from gptfn.cli_models import (
+    add_model_source,
+    cmd_export,
+    export_args,
+    load_model,
+    prepare_tokenizer,
+    print_samples,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -106,12 +115,12 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                     default=argparse.SUPPRESS,
                     help=text + " (bare --resume: auto)",
                 )
-            elif hints[f.name] is bool:
+            elif bool in (hints[f.name], *typing.get_args(hints[f.name])):
                 group.add_argument(
                     flag,
                     action=argparse.BooleanOptionalAction,
                     default=argparse.SUPPRESS,
-                    help=f"{text} (default: {'on' if f.default else 'off'})",
+                    help=text if f.default is None else f"{text} (default: {_on_off(f.default)})",
                 )
             else:
                 kind = next(
@@ -136,6 +145,10 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _on_off(value: bool) -> str:
+    return "on" if value else "off"
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from gptfn.train import TrainConfig, train
 
@@ -156,9 +169,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         + f"run in {summary['run_dir']}"
     )
     if cfg.run.sample_tokens:
-        _print_samples(
-            summary["run_dir"],
-            "last",
+        from gptfn.checkpoint import load_run
+
+        params, tokenizer, _ = load_run(summary["run_dir"], "last")
+        print_samples(
+            params,
+            tokenizer,
             ["\n"],
             cfg.run.sample_tokens,
             dict(temperature=0.8, seed=1),
@@ -192,41 +208,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     meta = prepare(
         args.input,
         args.out,
-        args.tokenizer,
+        prepare_tokenizer(args.tokenizer),
         args.vocab_size,
         args.val_fraction,
         overwrite=args.overwrite,
     )
     print(json.dumps(meta, indent=2))
-
-
-def _print_samples(
-    run: str, which: str, prompts: list[str], max_new: int, sampling: dict, stream: bool
-) -> None:
-    """Generate one continuation per prompt in one batch; with ``stream`` print the first as
-    its tokens come and the others when done (the same text as without ``stream``)."""
-    from gptfn.checkpoint import load_run
-    from gptfn.generation import generate, generate_stream
-
-    params, tok, _ = load_run(run, which)
-    ids = [tok.encode(p) for p in prompts]
-    kwargs = dict(sampling, sliding_window=True)
-    if not stream:
-        outputs = generate(params, ids, max_new, **kwargs)
-    else:
-        outputs = [[] for _ in prompts]
-        print(prompts[0], end="", flush=True)
-        for step in generate_stream(params, ids, max_new, **kwargs):
-            for row, t in zip(outputs, step):
-                if t is not None:
-                    row.append(t)
-            if step[0] is not None:
-                print(tok.decode([step[0]]), end="", flush=True)
-        print("\n" + "-" * 40)
-    for i, (prompt, new) in enumerate(zip(prompts, outputs)):
-        if not (stream and i == 0):
-            print(prompt + tok.decode(new))
-            print("-" * 40)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -239,9 +226,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
-    _print_samples(
-        args.run,
-        args.checkpoint,
+    params, tokenizer, _ = load_model(args)
+    print_samples(
+        params,
+        tokenizer,
         [prompt] * args.num_samples,
         args.max_new_tokens,
         sampling,
@@ -250,17 +238,22 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from gptfn.evaluate import evaluate_run
+    from gptfn.evaluate import evaluate, evaluate_run
 
-    report = evaluate_run(
-        args.run,
+    options = dict(
         data=args.data,
         text=args.text,
         stride=args.stride,
         bleu_samples=args.bleu_samples,
         batch_size=args.batch_size,
-        checkpoint=args.checkpoint,
     )
+    if args.model is None:
+        report = evaluate_run(args.run, checkpoint=args.checkpoint or "last", **options)
+    elif args.data is None and args.text is None:
+        raise ValueError("--model needs --text FILE (or --data DIR, prepared with its tokenizer)")
+    else:
+        params, tokenizer, _ = load_model(args)
+        report = {"model": args.model} | evaluate(params, tokenizer, **options)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -277,18 +270,16 @@ def cmd_plot(args: argparse.Namespace) -> None:
 POSITIVE, COUNT = _number(int, low=1), _number(int, low=0)
 
 
-def _which_checkpoint(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint",
-        choices=["last", "best"],
-        default="last",
-        help="which checkpoint of the run (default: last)",
-    )
-
-
 def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="a text file or a directory of them (default: built-in corpus)")
-    p.add_argument("--tokenizer", choices=["char", "bpe", "gpt2"], default="char")
+    p.add_argument(
+        "--tokenizer",
+        default="char",
+        metavar="char|bpe|gpt2|PATH_OR_ID",
+        help="char, bpe (trained on the text), gpt2 (tiktoken), or a pretrained model's "
+        "tokenizer.json (its folder, the file, or a cached model id) to fine-tune that model "
+        "(default: char)",
+    )
     p.add_argument(
         "--vocab-size", type=_number(int, low=2), help="BPE vocabulary size (default 1024)"
     )
@@ -303,8 +294,7 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run directory")
-    _which_checkpoint(p)
+    add_model_source(p)
     p.add_argument("--prompt", help="text to continue (default: a newline)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--num-samples", type=POSITIVE, default=1, help="continuations (default 1)")
@@ -323,10 +313,9 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run directory")
-    _which_checkpoint(p)
+    add_model_source(p)
     p.add_argument("--data", help="prepared data directory (default: the run's own)")
-    p.add_argument("--text", help="a raw text file to score instead")
+    p.add_argument("--text", help="a raw text file to score instead (with --model: or --data)")
     p.add_argument("--stride", type=POSITIVE, help="sliding-window stride (default: no overlap)")
     p.add_argument("--bleu-samples", type=COUNT, default=0, help="BLEU of this many continuations")
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="(default 32)")
@@ -341,8 +330,9 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "prepare": ("tokenize text into train.bin / val.bin", _prepare_args, cmd_prepare),
     "train": ("train a model (default: built-in corpus, char level)", _train_flags, cmd_train),
-    "sample": ("generate text from a trained run", _sample_args, cmd_sample),
-    "eval": ("validation loss, perplexity (and BLEU) of a run", _eval_args, cmd_eval),
+    "sample": ("generate text from a trained run or a pretrained model", _sample_args, cmd_sample),
+    "eval": ("loss, perplexity (and BLEU) of a run or a pretrained model", _eval_args, cmd_eval),
+    "export": ("write a run as a Hugging Face model folder", export_args, cmd_export),
     "plot": ("PNG of a run's loss curves", _plot_args, cmd_plot),
 }
 

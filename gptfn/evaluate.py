@@ -12,12 +12,14 @@ import torch.nn.functional as F
 
 from gptfn.checkpoint import load_run
 from gptfn.data import load_meta, load_tokens
-from gptfn.data.tokenizers import Tokenizer
+from gptfn.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_mismatch
 from gptfn.generation import generate
 from gptfn.model import config_of, forward
 from gptfn.typing import Params
 
-__all__ = ["windows", "token_nll", "perplexity_report", "bleu_continuations", "evaluate_run"]
+__all__ = [
+    "windows", "token_nll", "perplexity_report", "bleu_continuations", "evaluate", "evaluate_run",
+]  # fmt: skip
 
 
 def windows(
@@ -135,6 +137,71 @@ def bleu_continuations(
     }
 
 
+def evaluate(
+    params: Params,
+    tokenizer: Tokenizer,
+    data: str | Path | None = None,
+    text: str | Path | None = None,
+    stride: int | None = None,
+    bleu_samples: int = 0,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Perplexity of a model on the validation split of prepared ``data`` or on a raw ``text``
+    file (encoded as the tokenizer does a document: after Llama's BOS, for instance), plus BLEU
+    of ``bleu_samples`` continuations when asked.
+
+    Args:
+      params: the model.
+      tokenizer: the tokenizer of the model (and of ``data``).
+      data: a prepared data directory (its ``val.bin`` is scored).
+      text: a text file to score instead.
+      stride: sliding windows advancing this many tokens (default: windows do not overlap).
+      bleu_samples: continuations scored with BLEU (0: none).
+      batch_size: windows per forward.
+
+    Returns:
+      ``source``, ``stride``, mean NLL, perplexity, bits per token / char / byte, tokens...
+    """
+    if (data is None) == (text is None):
+        raise ValueError("give one of data (a prepared directory) or text (a file)")
+    lead: list[int] = []
+    if text is not None:
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"no text file {path}")
+        raw = path.read_text(encoding="utf-8")
+        lead = tokenizer.leading_ids() if hasattr(tokenizer, "leading_ids") else []
+        ids = np.asarray(lead + tokenizer.encode(raw), dtype=np.int64)
+        source = str(path)
+    else:
+        data_dir = Path(data)
+        load_meta(data_dir)  # a clear error when it is not prepared data
+        theirs = load_tokenizer(data_dir / "tokenizer.json")
+        if theirs.to_json() != tokenizer.to_json() and (
+            problem := tokenizer_mismatch(theirs, tokenizer)
+        ):
+            raise ValueError(
+                f"{data_dir} was prepared with another tokenizer than the model's: {problem}"
+            )
+        ids = np.asarray(load_tokens(data_dir, "val"), dtype=np.int64)
+        raw = tokenizer.decode(ids.tolist())
+        source = f"{data_dir}/val.bin"
+    if len(ids) < 2:
+        raise ValueError(f"{source} is {len(ids)} token(s) long: nothing to score")
+    total, count = token_nll(params, ids, stride, batch_size)
+    # bits per char/byte are over the characters whose tokens were scored: all of the text
+    # after a leading special token, else all but the first token's
+    first = "" if lead else tokenizer.decode(ids[:1].tolist())
+    report: dict[str, Any] = {"source": source, "stride": stride or "none"}
+    report |= perplexity_report(
+        total, count, len(raw) - len(first), len(raw.encode()) - len(first.encode())
+    )
+    if bleu_samples:
+        report |= bleu_continuations(params, tokenizer, raw, bleu_samples)
+        report.pop("example")
+    return report
+
+
 def evaluate_run(
     run: str | Path,
     data: str | Path | None = None,
@@ -144,37 +211,10 @@ def evaluate_run(
     batch_size: int = 32,
     checkpoint: str = "last",
 ) -> dict[str, Any]:
-    """Perplexity of a run's model (its ``checkpoint``, "last" or "best") on its validation
-    split (or ``data``'s, or a raw ``text`` file), plus BLEU of ``bleu_samples`` continuations
-    when asked."""
+    """:func:`evaluate` of a run's model (its ``checkpoint``, "last" or "best") on its own
+    validation split (or ``data``'s, or a raw ``text`` file); the report adds the ``step``."""
     params, tokenizer, meta = load_run(run, checkpoint)
-    if text is not None:
-        path = Path(text)
-        if not path.is_file():
-            raise FileNotFoundError(f"no text file {path}")
-        raw = path.read_text(encoding="utf-8")
-        ids = np.asarray(tokenizer.encode(raw), dtype=np.int64)
-        source = str(path)
-    else:
-        data_dir = Path(data or meta["data_dir"])
-        data_meta = load_meta(data_dir)
-        vocab = config_of(params).vocab_size
-        if data_meta["vocab_size"] != vocab:
-            raise ValueError(
-                f"{data_dir} has vocab {data_meta['vocab_size']}, the model "
-                f"{vocab}: prepared with another tokenizer?"
-            )
-        ids = np.asarray(load_tokens(data_dir, "val"), dtype=np.int64)
-        raw = tokenizer.decode(ids.tolist())
-        source = f"{data_dir}/val.bin"
-    total, count = token_nll(params, ids, stride, batch_size)
-    # bits per char/byte are over the characters whose tokens were scored (all but the first)
-    first = tokenizer.decode(ids[:1].tolist())
-    report: dict[str, Any] = {"source": source, "step": meta["step"], "stride": stride or "none"}
-    report |= perplexity_report(
-        total, count, len(raw) - len(first), len(raw.encode()) - len(first.encode())
-    )
-    if bleu_samples:
-        report |= bleu_continuations(params, tokenizer, raw, bleu_samples)
-        report.pop("example")
-    return report
+    if text is None and data is None:
+        data = meta["data_dir"]
+    report = evaluate(params, tokenizer, data, text, stride, bleu_samples, batch_size)
+    return {"source": report.pop("source"), "step": meta["step"]} | report

@@ -46,8 +46,9 @@ from gptfn.distributed import (
     setup,
     teardown,
 )
+from gptfn.finetune import pretrained_start
 from gptfn.interrupt import StopSignal, TrainingInterrupted
-from gptfn.model import GPTConfig, init, loss
+from gptfn.model import GPTConfig, config_of, init, loss
 from gptfn.optim import loss_scaling, make_optimizer
 from gptfn.run_dir import check_run_dir, clean_temps, clear_run, trim_log
 from gptfn.train_config import TrainConfig
@@ -104,6 +105,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict], None]] = ()) -> dic
 
 def _train(cfg: TrainConfig, env: DistEnv, callbacks: list[Callable[[dict], None]]) -> dict:
     run = _setup(cfg, env)
+    cfg = run.cfg  # with init_from: the pretrained model's architecture filled in
     _resume(run)
     if run.start >= cfg.run.max_steps and env.is_main:
         print(f"the run is at step {run.start} already (--max-steps {cfg.run.max_steps})")
@@ -141,6 +143,9 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
     torch.manual_seed(cfg.run.seed)
     run_dir = Path(cfg.run.out)
     check_run_dir(run_dir, cfg.run.resume, cfg.run.overwrite)
+    params = None
+    if cfg.model.init_from is not None:  # checked before anything is written
+        params, cfg = pretrained_start(cfg, env.device)  # and its architecture filled in
     if env.is_main:
         _warn_about_settings(cfg, env)
         _data_dir(cfg)  # rank 0 prepares the built-in corpus once, the others wait
@@ -152,8 +157,11 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
     if env.world_size > 1:
         dist.barrier()
     data_dir = _data_dir(cfg)
-    model_cfg = cfg.model.gpt_config(load_meta(data_dir)["vocab_size"])
-    params = init(model_cfg, seed=cfg.run.seed, device=env.device)
+    tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+    if params is None:  # from scratch
+        vocab_size = load_meta(data_dir)["vocab_size"]
+        params = init(cfg.model.gpt_config(vocab_size), seed=cfg.run.seed, device=env.device)
+    model_cfg = config_of(params)
     sharded = cfg.run.shard_optimizer and env.world_size > 1
     owners = assign_owners(params, env.world_size) if sharded else None
     mine = (lambda path, leaf: owners[path] == env.rank) if sharded else None
@@ -174,7 +182,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         env=env,
         run_dir=run_dir,
         data_dir=data_dir,
-        tokenizer=load_tokenizer(data_dir / "tokenizer.json"),
+        tokenizer=tokenizer,
         train_data=load_tokens(data_dir, "train"),
         val_data=load_tokens(data_dir, "val"),
         model_cfg=model_cfg,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from gptfn.model import GPTConfig
+from gptfn.model.config import MLPS, NORMS, POSITIONS
 from gptfn.optim import OptimizerConfig, OptionError, check_option, check_options, option
 
 __all__ = ["DataOptions", "ModelOptions", "RunOptions", "TrainConfig", "load_toml"]
@@ -53,6 +54,10 @@ def _compile_works(on: bool) -> str | None:
     return None
 
 
+def _fraction(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be > 0 and <= 1"
+
+
 def _available(device: str) -> str | None:
     """Why ``device`` cannot be used here, or None."""
     import torch
@@ -66,36 +71,87 @@ def _available(device: str) -> str | None:
 
 @dataclass
 class ModelOptions:
-    """The architecture: ``GPTConfig`` less the vocabulary size, which the data decides."""
+    """The architecture (``GPTConfig`` less the vocabulary size, which the data decides), or a
+    pretrained model to start from. Options left unset take GPTConfig's derived defaults."""
 
     n_layer: int = option(4, "transformer blocks", low=1)
     n_head: int = option(4, "attention heads per block", low=1)
     n_embd: int = option(128, "width of the residual stream (a multiple of n_head)", low=1)
-    block_size: int = option(128, "context length in tokens", low=1)
-    bias: bool = option(True, "biases in the linear layers and layer norms")
+    block_size: int = option(
+        128, "context length in tokens (with init_from: the length of training sequences)", low=1
+    )
+    bias: bool = option(
+        True, "biases in the linear layers and norms (qkv_bias, mlp_bias, norm_bias override)"
+    )
     untied: bool = option(False, "an output matrix of its own instead of the token embedding")
     dropout: float = option(0.0, "dropout probability while training", low=0, below=1)
+    position: str = option("learned", "position scheme", choices=POSITIONS)
+    rope_theta: float = option(10000.0, "rotary base (position rotary)", above=0)
+    rotary_fraction: float = option(
+        1.0, "share (0, 1] of each head's dims that rotate (position rotary)", check=_fraction
+    )
+    norm: str = option("layernorm", "normalisation", choices=NORMS)
+    norm_eps: float = option(1e-5, "epsilon inside the norms", above=0)
+    norm_bias: bool | None = option(None, "additive bias in the norms (default: as bias)")
+    mlp: str = option("gelu_tanh", "MLP activation (swiglu, geglu: gated)", choices=MLPS)
+    d_mlp: int | None = option(None, "hidden width of the MLP (default 4 * n_embd)", low=1)
+    mlp_bias: bool | None = option(None, "biases in the MLP (default: as bias)")
+    n_kv_head: int | None = option(
+        None, "key/value heads; fewer than n_head: grouped-query (default n_head)", low=1
+    )
+    d_head: int | None = option(None, "width of each head (default n_embd / n_head)", low=1)
+    qkv_bias: bool | None = option(None, "biases on queries, keys, values (default: as bias)")
+    qk_norm: bool = option(False, "normalise each head's queries and keys")
+    parallel_residual: bool = option(False, "attention and MLP side by side (GPT-NeoX)")
+    logit_softcap: float | None = option(
+        None, "soft-cap the logits: cap * tanh(logits / cap) (default: none)", above=0
+    )
+    init_from: str | None = option(
+        None, "fine-tune this pretrained model (Hugging Face folder or cached id); its "
+        "architecture is used and its tokenizer must be the data's"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         check_options(self)
-        if self.n_embd % self.n_head:
+        if self.d_head is None and self.n_embd % self.n_head:
             raise OptionError(
-                "n_embd", self.n_embd, f"must be a multiple of n_head ({self.n_head})"
+                "n_embd",
+                self.n_embd,
+                f"must be a multiple of n_head ({self.n_head}), or give d_head",
             )
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise OptionError("n_kv_head", self.n_kv_head, f"must divide n_head ({self.n_head})")
+        d_head = self.d_head or self.n_embd // self.n_head
+        rotary_dim = int(d_head * self.rotary_fraction)
+        if self.position == "rotary" and (rotary_dim < 2 or rotary_dim % 2):
+            raise OptionError(
+                "rotary_fraction",
+                self.rotary_fraction,
+                f"rotary positions turn pairs of dims: int(d_head * rotary_fraction) = "
+                f"int({d_head} * {self.rotary_fraction}) = {rotary_dim} must be even and >= 2",
+            )
+        try:
+            self.gpt_config(vocab_size=2)  # anything left of GPTConfig's own checks
+        except ValueError as err:
+            raise ValueError(f"the model options do not fit together: {err}") from None
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that describe the architecture, by their ``GPTConfig`` names."""
+        out = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_ARCHITECTURE
+        }
+        return out | {"tie_embeddings": not self.untied}
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         """The model's ``GPTConfig``: every field of this section but the training-only ones
         (``NOT_ARCHITECTURE``) goes to the ``GPTConfig`` field of the same name."""
-        known = {f.name for f in fields(GPTConfig)}
-        same = {
-            f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_ARCHITECTURE
-        }
-        if unknown := sorted(set(same) - known):
+        same = self.architecture()
+        if unknown := sorted(set(same) - {f.name for f in fields(GPTConfig)}):
             raise TypeError(f"ModelOptions fields {unknown} are not GPTConfig fields")
-        return GPTConfig(vocab_size=vocab_size, tie_embeddings=not self.untied, **same)
+        return GPTConfig(vocab_size=vocab_size, **same)
 
 
-NOT_ARCHITECTURE = ("dropout", "untied")  # a loss option; the flag for tie_embeddings=False
+NOT_ARCHITECTURE = ("dropout", "untied", "init_from")  # untied: the flag for tie_embeddings
 
 
 @dataclass
@@ -163,6 +219,9 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataOptions = field(default_factory=DataOptions)
     run: RunOptions = field(default_factory=RunOptions)
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    """The options set by name through :meth:`replace` / :meth:`from_dict` (flags, TOML): with
+    ``init_from`` an architecture option the user gave must agree with the pretrained model."""
 
     SECTIONS: ClassVar[dict[str, type]] = {
         "model": ModelOptions,
@@ -202,7 +261,8 @@ class TrainConfig:
                 **{
                     name: dataclasses.replace(getattr(self, name), **changes[name])
                     for name in self.SECTIONS
-                }
+                },
+                given=self.given | set(values),
             )
         except OptionError as err:
             raise OptionError(f"{where}{err.name}", err.value, err.problem) from None

@@ -13,7 +13,7 @@ import pytest
 
 import gptfn
 
-NOT_IMPORTED = {"__main__", "cli"}  # the face imports the library, not the other way round
+NOT_IMPORTED = {"__main__", "cli", "cli_models"}  # the face imports the library, not back
 SHADOWED: set[str] = set()  # no module is hidden by a function of the same name
 
 

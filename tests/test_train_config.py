@@ -42,6 +42,15 @@ BAD_VALUES = [
     ("sample --run r --checkpoint first", "argument --checkpoint: invalid choice: 'first'"),
     ("eval --run r --stride 0", "argument --stride: invalid value '0': must be >= 1"),
     ("prepare --out d --val-fraction 1", "--val-fraction: invalid value '1': must be > 0 and < 1"),
+    ("train --position alibi", "--position: invalid value 'alibi': one of learned, rotary, none"),
+    ("train --norm batchnorm", "--norm: invalid value 'batchnorm': one of layernorm, rmsnorm"),
+    ("train --mlp silu", "--mlp: invalid value 'silu': one of gelu_tanh, gelu, relu2, swiglu, ge"),
+    ("train --n-kv-head 0", "argument --n-kv-head: invalid value '0': must be >= 1"),
+    ("train --rope-theta 0", "argument --rope-theta: invalid value '0': must be > 0"),
+    ("train --rotary-fraction 1.5", "--rotary-fraction: invalid value '1.5': must be > 0 and <= 1"),
+    ("train --norm-eps 0", "argument --norm-eps: invalid value '0': must be > 0"),
+    ("train --logit-softcap 0", "argument --logit-softcap: invalid value '0': must be > 0"),
+    ("train --d-mlp 2.5", "argument --d-mlp: invalid value '2.5': expected an integer"),
 ]
 
 
@@ -66,6 +75,13 @@ def test_cuda_without_cuda_is_refused(capsys):
         ("--lr 0.001 --min-lr 0.01", "--min-lr: invalid value 0.01: must be <= lr (0.001)"),
         ("--n-embd 30", "--n-embd: invalid value 30: must be a multiple of n_head (4)"),
         ("--resume --overwrite", "--overwrite: invalid value True: cannot be combined"),
+        ("--n-kv-head 3", "--n-kv-head: invalid value 3: must divide n_head (4)"),
+        ("--n-head 3", "--n-embd: invalid value 128: must be a multiple of n_head (3), or give"),
+        (
+            "--position rotary --n-embd 24 --n-head 4 --rotary-fraction 0.5",
+            "--rotary-fraction: invalid value 0.5: rotary positions turn pairs of dims: "
+            "int(d_head * rotary_fraction) = int(6 * 0.5) = 3 must be even and >= 2",
+        ),
     ],
 )
 def test_options_that_disagree_are_refused(argv, message, capsys):
@@ -87,6 +103,10 @@ def _toml_value(value) -> str:
 
 def test_every_flag_is_a_toml_key(tmp_path):
     defaults = TrainConfig().flat() | {"data": "somewhere", "resume": "auto"}
+    unset = {"norm_bias": True, "mlp_bias": False, "qkv_bias": True, "n_kv_head": 2,
+             "d_head": 32, "d_mlp": 64, "logit_softcap": 30.0, "init_from": "a/model"}  # fmt: skip
+    assert {k for k, v in defaults.items() if v is None} == set(unset)
+    defaults |= unset  # TOML has no None: leaving a key out leaves the option unset
     flags = [
         s[2:]
         for a in _train_parser()._actions
@@ -99,6 +119,24 @@ def test_every_flag_is_a_toml_key(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     cfg = TrainConfig.from_dict(load_toml(path), source=str(path))
     assert cfg.data.data == "somewhere" and cfg.run.resume is True
+    assert cfg.model.gpt_config(10).n_kv_head == 2 and cfg.model.logit_softcap == 30.0
+
+
+def test_architecture_keys_in_toml_reach_the_model(tmp_path):
+    path = tmp_path / "llama.toml"
+    path.write_text('[model]\nposition = "rotary"\nnorm = "rmsnorm"\nmlp = "swiglu"\n'
+                    "n-kv-head = 2\nqk-norm = true\nuntied = true\nbias = false\n"
+                    "qkv_bias = true\nrope-theta = 500\n")  # fmt: skip
+    model = TrainConfig.from_dict(load_toml(path)).model.gpt_config(vocab_size=50)
+    assert model == GPTConfig(
+        vocab_size=50, block_size=128, n_layer=4, n_head=4, n_embd=128, position="rotary",
+        norm="rmsnorm", mlp="swiglu", n_kv_head=2, qk_norm=True, tie_embeddings=False,
+        bias=False, qkv_bias=True, rope_theta=500.0,
+    )  # fmt: skip
+    assert (model.mlp_bias, model.norm_bias, model.d_head) == (False, False, 32)
+    path.write_text('[model]\nposition = "alibi"\n')
+    with pytest.raises(OptionError, match="position: invalid value 'alibi': one of learned, rot"):
+        TrainConfig.from_dict(load_toml(path), source=str(path))
 
 
 def test_toml_sections_and_flags_override(tmp_path, monkeypatch):

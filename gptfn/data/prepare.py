@@ -63,7 +63,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def prepare(
     source: str | Path | None,
     out_dir: str | Path,
-    tokenizer: str = "char",
+    tokenizer: str | Tokenizer = "char",
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
     overwrite: bool = False,
@@ -73,7 +73,9 @@ def prepare(
     Args:
       source: a text file, a folder of them, or None for the built-in corpus (:func:`read_text`).
       out_dir: where ``train.bin``, ``val.bin``, ``tokenizer.json`` and ``meta.json`` go.
-      tokenizer: ``"char"``, ``"bpe"`` or ``"gpt2"``.
+      tokenizer: ``"char"``, ``"bpe"`` or ``"gpt2"`` (trained or fetched here), or a ready
+        tokenizer, such as a pretrained model's
+        (``gptfn.pretrained.load_pretrained_tokenizer``), to fine-tune that model on the data.
       vocab_size: the BPE vocabulary size (default 1024).
       val_fraction: the share of the text, from its end, held out for validation.
       overwrite: replace prepared data already in ``out_dir`` (otherwise an error).
@@ -90,9 +92,10 @@ def prepare(
         raise ValueError(f"input has only {len(text)} characters: too little to train on")
     cut = int(len(text) * (1 - val_fraction))
     train_text, val_text = text[:cut], text[cut:]
-    tok: Tokenizer = train_tokenizer(
-        tokenizer, text if tokenizer == "char" else train_text, vocab_size
-    )
+    if isinstance(tokenizer, str):
+        tok = train_tokenizer(tokenizer, text if tokenizer == "char" else train_text, vocab_size)
+    else:
+        tok = tokenizer
     dtype = token_dtype(tok.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)

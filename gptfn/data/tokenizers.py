@@ -25,6 +25,7 @@ __all__ = [
     "GPT2Tokenizer",
     "HFTokenizer",
     "tokenizer_json",
+    "tokenizer_mismatch",
     "tokenizer_from_json",
     "load_tokenizer",
     "train_tokenizer",
@@ -188,6 +189,14 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def leading_ids(self) -> list[int]:
+        """The special ids the file's post-processor puts before a text (Llama's BOS; [] for
+        GPT-2's): what a model trained on documents expects to see first."""
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        where = next(i for i in range(len(full) + 1) if full[i : i + len(plain)] == plain)
+        return full[:where]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -209,6 +218,40 @@ def _special_tokens(config: Path) -> dict[str, str]:
         if isinstance(value, str):
             out[key] = value
     return out
+
+
+PROBE = (
+    "Hello, world! The year 1969: 3.14159 + x_1 = y;\n\tindented  two  spaces\n\n"
+    'It\'s "quoted" -- ünïcödé, 日本語, 🙂 and\r\nCRLF.  '
+)  # ordinary text only: special-token strings are split by some encoders, matched by others
+
+
+def _ids_or_error(tokenizer: Tokenizer, text: str) -> list[int] | str:
+    try:
+        return tokenizer.encode(text)
+    except Exception as err:  # a char tokenizer meeting an unknown character, say
+        return f"cannot encode it ({err})"
+
+
+def _shown(ids: list[int] | str, other: list[int] | str) -> str:
+    """A few ids around the first place ``ids`` differs from ``other``."""
+    if isinstance(ids, str):
+        return ids
+    cut = next((i for i, (x, y) in enumerate(zip(ids, other)) if x != y), min(len(ids), len(other)))
+    return f"ids {ids[max(0, cut - 2) : cut + 3]} at token {max(0, cut - 2)}"
+
+
+def tokenizer_mismatch(ours: Tokenizer, theirs: Tokenizer, texts: list[str] = ()) -> str | None:
+    """How two tokenizers differ, in words: their vocabulary sizes, or the ids they give one
+    of ``texts`` or a fixed probe (ASCII, digits, whitespace runs, non-Latin script, emoji).
+    None when they agree on all of it, so ids made by one mean the same to the other."""
+    if ours.vocab_size != theirs.vocab_size:
+        return f"a vocabulary of {ours.vocab_size} tokens against {theirs.vocab_size}"
+    for text in (PROBE, *texts):
+        a, b = _ids_or_error(ours, text), _ids_or_error(theirs, text)
+        if a != b:
+            return f"{text[:30]!r}... is {_shown(a, b)} against {_shown(b, a)}"
+    return None
 
 
 def tokenizer_json(tokenizer: Tokenizer) -> str | None:

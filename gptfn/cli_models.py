@@ -1,0 +1,154 @@
+"""The command line's models: which model ``sample`` and ``eval`` read (a run, or a Hugging Face
+folder or cached id) and how samples print, ``gptfn export`` (a run as a Hugging Face folder),
+and ``prepare --tokenizer`` with a pretrained model's tokenizer. Parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "add_model_source", "cmd_export", "export_args", "load_model", "prepare_tokenizer",
+    "print_samples",
+]  # fmt: skip
+
+TOKENIZER_KINDS = ("char", "bpe", "gpt2")
+
+
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    """``--run RUN_DIR [--checkpoint last|best]`` or ``--model PATH_OR_ID``: exactly one."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory (a model trained by gptfn train)")
+    source.add_argument(
+        "--model",
+        metavar="PATH_OR_ID",
+        help="a pretrained model: a Hugging Face folder (config.json, safetensors, "
+        "tokenizer.json) or a model id in the local Hugging Face cache; read as float32",
+    )
+    p.add_argument(
+        "--checkpoint",
+        choices=["last", "best"],
+        help="which checkpoint of the --run (default: last)",
+    )
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any, dict | None]:
+    """``(params, tokenizer, meta)`` of ``--run`` (meta: the checkpoint's) or ``--model``
+    (meta: None)."""
+    if args.model is None:
+        from gptfn.checkpoint import load_run
+
+        return load_run(args.run, args.checkpoint or "last")
+    if args.checkpoint is not None:
+        raise ValueError("--checkpoint chooses a checkpoint of a --run; --model has none")
+    import torch
+
+    from gptfn.pretrained import load_pretrained, load_pretrained_tokenizer
+
+    params = load_pretrained(args.model, dtype=torch.float32)
+    return params, load_pretrained_tokenizer(args.model), None
+
+
+def print_samples(
+    params: Any, tok: Any, prompts: list[str], max_new: int, sampling: dict, stream: bool
+) -> None:
+    """Generate one continuation per prompt in one batch (each prompt after the tokenizer's
+    leading special ids, e.g. Llama's BOS; a row stops at its EOS); with ``stream`` print the
+    first as its tokens come and the others when done (the same text as without ``stream``)."""
+    from gptfn.generation import generate, generate_stream
+
+    lead = tok.leading_ids() if hasattr(tok, "leading_ids") else []
+    ids = [lead + tok.encode(p) for p in prompts]
+    kwargs = dict(sampling, sliding_window=True, eos_token_id=getattr(tok, "eos_token_id", None))
+    if not stream:
+        outputs = generate(params, ids, max_new, **kwargs)
+    else:
+        outputs, shown = [[] for _ in prompts], ""
+        print(prompts[0], end="", flush=True)
+        for step in generate_stream(params, ids, max_new, **kwargs):
+            for row, t in zip(outputs, step):
+                if t is not None:
+                    row.append(t)
+            text = tok.decode(outputs[0])  # whole: a token alone may be part of a character
+            if step[0] is not None and not text.endswith("\ufffd"):
+                print(text[len(shown) :], end="", flush=True)
+                shown = text
+        print(tok.decode(outputs[0])[len(shown) :] + "\n" + "-" * 40)
+    for i, (prompt, new) in enumerate(zip(prompts, outputs)):
+        if not (stream and i == 0):
+            print(prompt + tok.decode(new))
+            print("-" * 40)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument(
+        "--checkpoint",
+        choices=["last", "best"],
+        default="last",
+        help="which checkpoint of the run (default: last)",
+    )
+    p.add_argument("--hf", required=True, metavar="OUT_DIR", help="the folder to write")
+    p.add_argument(
+        "--model-type",
+        choices=["gpt2", "llama", "qwen2", "gpt_neox"],
+        help="the Hugging Face family (default: the first that can express the model)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write a run's checkpoint as a folder ``AutoModelForCausalLM.from_pretrained`` loads."""
+    from gptfn.checkpoint import load_run
+    from gptfn.data.tokenizers import tokenizer_json
+    from gptfn.pretrained import save_pretrained
+
+    out = Path(args.hf)
+    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    params, tokenizer, meta = load_run(args.run, args.checkpoint)
+    has_file = tokenizer_json(tokenizer) is not None
+    save_pretrained(
+        params,
+        out,
+        tokenizer if has_file else None,
+        model_type=args.model_type,
+        overwrite=args.overwrite,
+    )
+    kind = tokenizer.to_json().get("kind")
+    print(
+        f"wrote {out} (model_type {_model_type(out)}, step {meta['step']}"
+        + (", with tokenizer.json)" if has_file else f"; a {kind} tokenizer has no tokenizer.json)")
+    )
+
+
+def _model_type(folder: Path) -> str:
+    import json
+
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))["model_type"]
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def prepare_tokenizer(value: str) -> Any:
+    """``prepare --tokenizer``: a kind to train (char, bpe, gpt2) as is, else a pretrained
+    model's ``tokenizer.json`` (a folder, the file itself, or a cached model id)."""
+    if value in TOKENIZER_KINDS:
+        return value
+    from gptfn.data.tokenizers import HFTokenizer
+    from gptfn.pretrained import load_pretrained_tokenizer
+
+    try:
+        if Path(value).is_file():
+            return HFTokenizer.from_file(value)
+        return load_pretrained_tokenizer(value)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise ValueError(
+            f"--tokenizer {value!r}: not one of {', '.join(TOKENIZER_KINDS)}, and no pretrained "
+            f"tokenizer there ({err})"
+        ) from None
