@@ -21,7 +21,7 @@ from gptfn.data.tokenizers import Tokenizer, tokenizer_mismatch
 from gptfn.model import GPTConfig, config_of
 from gptfn.optim import OptionError
 from gptfn.pretrained import load_pretrained, load_pretrained_tokenizer
-from gptfn.train_config import NOT_ARCHITECTURE, ModelOptions, TrainConfig
+from gptfn.train_config import NOT_ARCHITECTURE, ModelOptions, TrainConfig, recipe_section
 from gptfn.typing import Params
 
 __all__ = ["check_data_tokenizer", "pretrained_start", "with_pretrained_architecture"]
@@ -89,7 +89,7 @@ def with_pretrained_architecture(cfg: TrainConfig, model: GPTConfig) -> TrainCon
       ValueError: naming each option given (by name, or a value other than its default)
         that contradicts the model, with the model's value.
     """
-    defaults = ModelOptions()
+    defaults = recipe_section("model", cfg.run.recipe)  # what the user did not choose
     theirs = {
         f.name: (not model.tie_embeddings) if f.name == "untied" else getattr(model, f.name)
         for f in dataclasses.fields(ModelOptions)

@@ -21,7 +21,9 @@ from gptfn.model import GPTConfig
 from gptfn.model.config import MLPS, NORMS, POSITIONS
 from gptfn.optim import OptimizerConfig, OptionError, check_option, check_options, option
 
-__all__ = ["DataOptions", "ModelOptions", "RunOptions", "TrainConfig", "load_toml"]
+__all__ = [
+    "RECIPES", "DataOptions", "ModelOptions", "RunOptions", "TrainConfig", "load_toml",
+]  # fmt: skip
 
 DEVICES = ("cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -85,6 +87,7 @@ class ModelOptions:
     )
     untied: bool = option(False, "an output matrix of its own instead of the token embedding")
     dropout: float = option(0.0, "dropout probability while training", low=0, below=1)
+    zero_init: bool = option(False, "start the residual output projections (w_o, w_out) at zero")
     position: str = option("learned", "position scheme", choices=POSITIONS)
     rope_theta: float = option(10000.0, "rotary base (position rotary)", above=0)
     rotary_fraction: float = option(
@@ -151,7 +154,7 @@ class ModelOptions:
         return GPTConfig(vocab_size=vocab_size, **same)
 
 
-NOT_ARCHITECTURE = ("dropout", "untied", "init_from")  # untied: the flag for tie_embeddings
+NOT_ARCHITECTURE = ("dropout", "zero_init", "untied", "init_from")  # untied: the flag for tie_embeddings
 
 
 @dataclass
@@ -199,6 +202,12 @@ class RunOptions:
     sample_tokens: int = option(
         300, "print a sample of this many tokens at the end (0: none)", low=0
     )
+    recipe: str = option(
+        "speedrun",
+        "a set of defaults: speedrun (rotary, Muon...; see RECIPES) or gpt2 (the 2019 recipe); "
+        "options given by name override it",
+        choices=("speedrun", "gpt2"),
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -215,10 +224,10 @@ class TrainConfig:
     and change one with :meth:`replace`; read a setting as ``cfg.model.n_layer``.
     """
 
-    model: ModelOptions = field(default_factory=ModelOptions)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    data: DataOptions = field(default_factory=DataOptions)
-    run: RunOptions = field(default_factory=RunOptions)
+    model: ModelOptions = field(default_factory=lambda: recipe_section("model"))
+    optimizer: OptimizerConfig = field(default_factory=lambda: recipe_section("optimizer"))
+    data: DataOptions = field(default_factory=lambda: recipe_section("data"))
+    run: RunOptions = field(default_factory=lambda: recipe_section("run"))
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     """The options set by name through :meth:`replace` / :meth:`from_dict` (flags, TOML): with
     ``init_from`` an architecture option the user gave must agree with the pretrained model."""
@@ -246,7 +255,7 @@ class TrainConfig:
         """A copy with the options ``values`` (flat names) changed, checked."""
         where = f"{source}: " if source else ""
         changes: dict[str, dict[str, Any]] = {name: {} for name in self.SECTIONS}
-        for name, value in values.items():
+        for name, value in _with_recipe(values, self.given).items():
             section = _OWNER.get(name)
             if section is None:
                 raise ValueError(f"{where}unknown option {name!r}; valid: {', '.join(_OWNER)}")
@@ -278,6 +287,38 @@ class TrainConfig:
 
 _OWNER = {f.name: name for name, cls in TrainConfig.SECTIONS.items() for f in fields(cls)}
 assert len(_OWNER) == sum(len(fields(c)) for c in TrainConfig.SECTIONS.values()), "names clash"
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "speedrun": {
+        "position": "rotary",
+        "optimizer": "muon",
+    },
+}
+"""Each recipe's values, by option name; ``gpt2`` (the 2019 recipe: GPT-2 blocks, AdamW,
+cosine) is every option at its section's own default."""
+RECIPES["gpt2"] = {
+    name: next(
+        f.default for f in fields(TrainConfig.SECTIONS[_OWNER[name]]) if f.name == name
+    )
+    for name in RECIPES["speedrun"]
+}
+
+
+def recipe_section(section: str, recipe: str = "speedrun") -> Any:
+    """Section ``section`` of the default config: its class's defaults with ``recipe``'s."""
+    values = {k: v for k, v in RECIPES[recipe].items() if _OWNER[k] == section}
+    return TrainConfig.SECTIONS[section](**values)
+
+
+def _with_recipe(values: dict[str, Any], given: frozenset[str]) -> dict[str, Any]:
+    """``values`` with, when they name a ``recipe``, that recipe's values for every option
+    not given by name (here or before)."""
+    recipe = values.get("recipe")
+    if recipe not in RECIPES:
+        return values  # no recipe, or a bad name that check_option reports
+    mine = {k: v for k, v in RECIPES[recipe].items() if k not in given and k not in values}
+    return {"recipe": recipe} | mine | values
 
 
 def _flatten(values: dict[str, Any], source: str | None) -> dict[str, Any]:

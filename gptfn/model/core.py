@@ -74,13 +74,16 @@ def init(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    zero_out_proj: bool = False,
 ) -> Params:
     """Fresh parameters for ``cfg`` (the tree carries ``cfg`` as ``params["config"]``):
     N(0, 0.02) weights, N(0, 0.02/sqrt(2 n_layer)) residual outputs (``w_o``, ``w_out``),
     zero biases, unit norm scales. Deterministic in ``seed``. ``device="meta"`` gives the
-    tree's shapes with no storage and no drawing (like ``jax.eval_shape``)."""
+    tree's shapes with no storage and no drawing (like ``jax.eval_shape``).
+    ``zero_out_proj=True`` starts ``w_o`` and ``w_out`` at zero (modded-nanogpt's init: each
+    block starts as the identity); the other leaves are drawn exactly as without it."""
     gen = torch.Generator().manual_seed(seed)
-    scales = {"normal": 0.02, "resid": 0.02 / math.sqrt(2 * cfg.n_layer)}
+    scales = {"normal": 0.02, "resid": 0.0 if zero_out_proj else 0.02 / math.sqrt(2 * cfg.n_layer)}
     abstract = device is not None and torch.device(device).type == "meta"
 
     def build(node: Any) -> Any:

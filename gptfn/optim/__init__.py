@@ -17,7 +17,11 @@ from gptfn.optim.config import (
 from gptfn.optim.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
 from gptfn.optim.loss_scaling import loss_scaling
 from gptfn.optim.privacy import differentially_private_aggregate, per_example_global_norms
-from gptfn.optim.schedules import constant_schedule, warmup_cosine_decay_schedule
+from gptfn.optim.schedules import (
+    constant_schedule,
+    warmup_cosine_decay_schedule,
+    warmup_stable_decay_schedule,
+)
 from gptfn.optim.transforms import (
     add_decayed_weights,
     clip_by_global_norm,
@@ -78,4 +82,5 @@ __all__ = [
     "sgd",
     "trace",
     "warmup_cosine_decay_schedule",
+    "warmup_stable_decay_schedule",
 ]

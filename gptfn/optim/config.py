@@ -21,7 +21,7 @@ from torch import Tensor
 from gptfn.optim.aliases import adamw, lion, muon, sgd
 from gptfn.optim.base import GradientTransformation, Schedule
 from gptfn.optim.combine import chain, masked
-from gptfn.optim.schedules import warmup_cosine_decay_schedule
+from gptfn.optim.schedules import warmup_cosine_decay_schedule, warmup_stable_decay_schedule
 from gptfn.optim.transforms import clip_by_global_norm, set_to_zero
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adamw", "sgd", "lion", "muon")
+SCHEDULES = ("cosine", "wsd")
 
 
 # ----------------------------------------------------------------------------- options
@@ -140,7 +141,8 @@ def check_options(obj: Any) -> None:
 
 @dataclasses.dataclass
 class OptimizerConfig:
-    """What optimizer a run uses and how its learning rate moves (warm-up, then cosine)."""
+    """What optimizer a run uses and how its learning rate moves (warm-up, then cosine decay,
+    or warm-up, stable, linear decay)."""
 
     optimizer: str = option(
         "adamw",
@@ -148,8 +150,15 @@ class OptimizerConfig:
         choices=OPTIMIZERS,
     )
     lr: float = option(2e-3, "peak learning rate (muon: of its AdamW part)", above=0)
-    min_lr: float = option(2e-4, "learning rate at the end of the cosine decay", low=0)
+    min_lr: float = option(2e-4, "learning rate at the end of the decay", low=0)
     warmup_steps: int = option(100, "steps of linear warm-up from 0 to the peak", low=0)
+    schedule: str = option(
+        "cosine", "after warm-up: cosine decay, or wsd (hold the peak, then decay linearly)",
+        choices=SCHEDULES,
+    )  # fmt: skip
+    decay_fraction: float = option(
+        0.4, "wsd: the last share of the steps that decays linearly", above=0, below=1
+    )
     weight_decay: float = option(
         0.1, "decoupled weight decay on matrices (adamw, lion; sgd and muon: none)", low=0
     )
@@ -166,10 +175,15 @@ class OptimizerConfig:
 
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int, peak: float | None = None) -> Schedule:
-    """Linear warm-up to ``peak`` (default ``cfg.lr``), then cosine decay to the same ratio of
-    ``min_lr / lr`` at ``total_steps``."""
+    """Linear warm-up to ``peak`` (default ``cfg.lr``), then cosine decay (or, with
+    ``schedule="wsd"``, the peak held, then a linear decay over the last ``decay_fraction`` of
+    the steps) to the same ratio of ``min_lr / lr`` at ``total_steps``."""
     peak = cfg.lr if peak is None else peak
     floor = cfg.min_lr * peak / cfg.lr
+    if cfg.schedule == "wsd":
+        end = max(total_steps, cfg.warmup_steps)
+        start = max(cfg.warmup_steps, round(end * (1 - cfg.decay_fraction)))
+        return warmup_stable_decay_schedule(0.0, peak, cfg.warmup_steps, start, end, floor)
     return warmup_cosine_decay_schedule(
         0.0, peak, cfg.warmup_steps, max(total_steps, cfg.warmup_steps), floor
     )

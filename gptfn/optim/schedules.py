@@ -15,7 +15,7 @@ from torch import Tensor
 
 from gptfn.optim.base import Schedule, scalar_dtype
 
-__all__ = ["constant_schedule", "warmup_cosine_decay_schedule"]
+__all__ = ["constant_schedule", "warmup_cosine_decay_schedule", "warmup_stable_decay_schedule"]
 
 
 def constant_schedule(value: float | Tensor) -> Schedule:
@@ -59,5 +59,50 @@ def warmup_cosine_decay_schedule(
         progress = ((step - warmup_steps) / max(decay_steps - warmup_steps, 1)).clamp(0.0, 1.0)
         cosine = end_value + 0.5 * (peak_value - end_value) * (1 + torch.cos(math.pi * progress))
         return torch.where(step < warmup_steps, warm, cosine)
+
+    return schedule
+
+
+def warmup_stable_decay_schedule(
+    init_value: float,
+    peak_value: float,
+    warmup_steps: int,
+    decay_start: int,
+    decay_steps: int,
+    end_value: float,
+) -> Schedule:
+    """Warm-up, stable, decay (WSD, trapezoidal): linear warm-up, the peak held, then a linear
+    decay, then flat.
+
+    Args:
+      init_value: The value at count 0.
+      peak_value: The value from ``warmup_steps`` to ``decay_start``.
+      warmup_steps: Steps of linear warm-up from ``init_value`` to ``peak_value``.
+      decay_start: The count at which the linear decay begins (>= ``warmup_steps``).
+      decay_steps: The count at which the decay reaches ``end_value`` (>= ``decay_start``).
+      end_value: The value from ``decay_steps`` on.
+
+    Returns:
+      A schedule ``count -> value`` (float64 0-d tensor).
+
+    Examples:
+      >>> import torch
+      >>> from gptfn.optim import warmup_stable_decay_schedule
+      >>> lr = warmup_stable_decay_schedule(0.0, 1.0, 10, 60, 110, 0.1)
+      >>> [round(float(lr(torch.tensor(t))), 6) for t in (0, 5, 10, 60, 85, 110, 500)]
+      [0.0, 0.5, 1.0, 1.0, 0.55, 0.1, 0.1]
+    """
+    if not warmup_steps <= decay_start <= decay_steps:
+        raise ValueError(
+            f"need warmup_steps ({warmup_steps}) <= decay_start ({decay_start}) <= "
+            f"decay_steps ({decay_steps})"
+        )
+
+    def schedule(count: Tensor) -> Tensor:
+        step = count.to(scalar_dtype(count.device))
+        warm = init_value + (peak_value - init_value) * step / max(warmup_steps, 1)
+        progress = ((step - decay_start) / max(decay_steps - decay_start, 1)).clamp(0.0, 1.0)
+        decay = peak_value + (end_value - peak_value) * progress
+        return torch.where(step < warmup_steps, warm, decay)
 
     return schedule
