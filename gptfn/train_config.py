@@ -154,7 +154,8 @@ class ModelOptions:
         return GPTConfig(vocab_size=vocab_size, **same)
 
 
-NOT_ARCHITECTURE = ("dropout", "zero_init", "untied", "init_from")  # untied: the flag for tie_embeddings
+# untied: the flag for tie_embeddings; zero_init: how init draws, not what the tree is
+NOT_ARCHITECTURE = ("dropout", "zero_init", "untied", "init_from")
 
 
 @dataclass
@@ -298,9 +299,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 """Each recipe's values, by option name; ``gpt2`` (the 2019 recipe: GPT-2 blocks, AdamW,
 cosine) is every option at its section's own default."""
 RECIPES["gpt2"] = {
-    name: next(
-        f.default for f in fields(TrainConfig.SECTIONS[_OWNER[name]]) if f.name == name
-    )
+    name: next(f.default for f in fields(TrainConfig.SECTIONS[_OWNER[name]]) if f.name == name)
     for name in RECIPES["speedrun"]
 }
 
