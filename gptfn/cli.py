@@ -99,12 +99,14 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     from gptfn.optim import allowed_values
     from gptfn.train import TrainConfig
 
+    defaults = TrainConfig()  # the default recipe's values
     for section, cls in TrainConfig.SECTIONS.items():
         group = parser.add_argument_group(f"{section} options", cls.__doc__.replace("``", ""))
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             text = f.metadata["help"]
+            default = getattr(getattr(defaults, section), f.name)
             if f.name == "resume":
                 group.add_argument(
                     flag,
@@ -120,7 +122,7 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                     flag,
                     action=argparse.BooleanOptionalAction,
                     default=argparse.SUPPRESS,
-                    help=text if f.default is None else f"{text} (default: {_on_off(f.default)})",
+                    help=text if default is None else f"{text} (default: {_on_off(default)})",
                 )
             else:
                 kind = next(
@@ -135,7 +137,7 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                     type=_option_type(cls, f.name, kind),
                     default=argparse.SUPPRESS,
                     choices=f.metadata.get("choices"),
-                    help=f"{text} (default: {f.default}{shown})" if f.default is not None else text,
+                    help=f"{text} (default: {default}{shown})" if default is not None else text,
                 )
     parser.add_argument(
         "--config",

@@ -105,6 +105,19 @@ def test_init_is_deterministic_and_seeded(cfg):
     assert not torch.equal(a["wte"], c["wte"])
 
 
+def test_zero_out_proj_zeros_the_residual_outputs_and_draws_the_rest_as_before(cfg):
+    plain = gptfn.tree.flatten(gptfn.init(cfg, seed=5))
+    zeroed = gptfn.tree.flatten(gptfn.init(cfg, seed=5, zero_out_proj=True))
+    assert plain.keys() == zeroed.keys()
+    outputs = [p for p in plain if p.rsplit(".", 1)[-1] in ("w_o", "w_out")]
+    assert len(outputs) == 2 * cfg.n_layer
+    for path in plain:
+        if path in outputs:
+            assert not zeroed[path].any() and plain[path].abs().min() > 0, path
+        else:
+            assert torch.equal(plain[path], zeroed[path]), path
+
+
 def test_config_from_params_round_trips():
     cfg = gptfn.GPTConfig(11, 7, 3, 3, 21, bias=False, tie_embeddings=False)
     params = gptfn.init(cfg)

@@ -183,6 +183,26 @@ def test_warmup_cosine_schedule():
         optim.warmup_cosine_decay_schedule(0, 1, 10, 5, 0)
 
 
+def test_warmup_stable_decay_schedule():
+    sched = optim.warmup_stable_decay_schedule(0.0, 1.0, 10, 60, 110, 0.1)
+    got = [float(sched(torch.tensor(s))) for s in (0, 5, 10, 35, 60, 85, 110, 200)]
+    assert got == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 0.55, 0.1, 0.1], abs=1e-12)
+    with pytest.raises(ValueError, match="decay_start"):
+        optim.warmup_stable_decay_schedule(0, 1, 10, 5, 20, 0)
+
+
+def test_lr_schedule_wsd_holds_the_peak_then_decays_the_last_fraction():
+    cfg = optim.OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=10, schedule="wsd",
+                                decay_fraction=0.25)  # fmt: skip
+    sched = optim.lr_schedule(cfg, total_steps=100)
+    got = [float(sched(torch.tensor(s))) for s in (5, 10, 75, 90, 100)]
+    assert got == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2 - 0.6 * 9e-3, 1e-3], abs=1e-12)
+    muon_part = optim.lr_schedule(cfg, 100, peak=0.05)  # the same shape at another peak
+    assert float(muon_part(torch.tensor(100))) == pytest.approx(5e-3)
+    with pytest.raises(optim.OptionError, match="schedule: invalid value 'linear': one of cosine"):
+        optim.OptimizerConfig(schedule="linear")
+
+
 # ----------------------------------------------------------------------------- float64 parity
 
 

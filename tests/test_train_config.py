@@ -124,7 +124,7 @@ def test_every_flag_is_a_toml_key(tmp_path):
 
 def test_architecture_keys_in_toml_reach_the_model(tmp_path):
     path = tmp_path / "llama.toml"
-    path.write_text('[model]\nposition = "rotary"\nnorm = "rmsnorm"\nmlp = "swiglu"\n'
+    path.write_text('recipe = "gpt2"\n[model]\nposition = "rotary"\nnorm = "rmsnorm"\nmlp = "swiglu"\n'
                     "n-kv-head = 2\nqk-norm = true\nuntied = true\nbias = false\n"
                     "qkv_bias = true\nrope-theta = 500\n")  # fmt: skip
     model = TrainConfig.from_dict(load_toml(path)).model.gpt_config(vocab_size=50)
@@ -174,7 +174,7 @@ def test_toml_errors_name_the_file_and_key(text, message, tmp_path, capsys):
 
 
 def test_sections_hold_every_option_once_with_help():
-    cfg = TrainConfig()
+    cfg = TrainConfig().replace(recipe="gpt2")
     assert (cfg.model.n_layer, cfg.optimizer.lr, cfg.data.batch_size, cfg.run.max_steps) == (
         4, 2e-3, 32, 2500,
     )  # fmt: skip
@@ -198,3 +198,43 @@ def test_compile_is_refused_where_torch_cannot_compile_the_step(monkeypatch):
     with pytest.raises(OptionError, match=r"compile: invalid value True: .* needs PyTorch 2\.12"):
         TrainConfig.from_dict({"compile": True})
     assert TrainConfig.from_dict({"compile": False}).run.compile is False
+
+
+def test_recipes_set_defaults_and_options_given_by_name_win(tmp_path, monkeypatch):
+    from gptfn.train_config import RECIPES
+
+    speedrun, gpt2 = TrainConfig(), TrainConfig().replace(recipe="gpt2")
+    assert speedrun.run.recipe == "speedrun" and gpt2.run.recipe == "gpt2"
+    assert RECIPES["speedrun"].keys() == RECIPES["gpt2"].keys()
+    for name, value in RECIPES["speedrun"].items():  # every recipe value reaches its option
+        assert speedrun.flat()[name] == value and gpt2.flat()[name] == RECIPES["gpt2"][name]
+    assert speedrun.flat() != gpt2.flat()
+    assert gpt2.model == type(gpt2.model)() and gpt2.optimizer == OptimizerConfig()  # 2019
+    name, value = next(iter(RECIPES["speedrun"].items()))
+    mixed = TrainConfig().replace(recipe="gpt2", **{name: value})  # a flag beats the recipe
+    assert mixed.flat()[name] == value and mixed.flat()["recipe"] == "gpt2"
+    path = tmp_path / "r.toml"
+    path.write_text(f'recipe = "gpt2"\n{name} = {_toml_value(value)}\n')
+    from_toml = TrainConfig.from_dict(load_toml(path))
+    assert from_toml.flat() == mixed.flat()
+    # a recipe flag over a TOML file: the file's own keys still win over the recipe
+    assert from_toml.replace(recipe="speedrun").flat() == speedrun.flat()
+    path.write_text(f'{name} = {_toml_value(RECIPES["gpt2"][name])}\n')
+    assert TrainConfig.from_dict(load_toml(path)).replace(recipe="speedrun").flat()[name] == (
+        RECIPES["gpt2"][name]
+    )
+    seen = {}
+    monkeypatch.setattr("gptfn.train.train", lambda cfg: seen.setdefault("cfg", cfg) and 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["train", "--recipe", "gpt2", "--lr", "0.003"])
+    assert seen["cfg"].flat() == gpt2.replace(lr=0.003).flat()
+
+
+def test_a_bad_recipe_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--recipe", "nanogpt"])
+    assert "--recipe: invalid value 'nanogpt': one of speedrun, gpt2" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(OptionError, match="recipe: invalid value 'x': one of speedrun, gpt2"):
+        TrainConfig.from_dict({"run": {"recipe": "x"}})
