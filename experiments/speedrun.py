@@ -65,16 +65,19 @@ def config(options: dict[str, Any], steps: int) -> TrainConfig:
     return TrainConfig().replace(**options).replace(max_steps=steps)
 
 
-def data_dir(quick: bool) -> Path:
-    """The prepared built-in corpus (prepared here when missing)."""
+def data_dir(data: Path | None) -> Path:
+    """``data``, or the built-in corpus (prepared as ``gptfn train`` does when missing)."""
+    if data is not None:
+        return data
     if not (DATA / "meta.json").is_file():
         prepare(None, DATA, tokenizer="char", overwrite=True)
     return DATA
 
 
 def eval_subset(val: np.ndarray, chunk: int = 4096, every: int = 4) -> list[np.ndarray]:
-    """Every ``every``-th chunk of ``chunk`` + 1 tokens of the validation split."""
-    starts = range(0, len(val) - chunk - 1, chunk * every)
+    """Every ``every``-th chunk of ``chunk`` + 1 tokens of the validation split (at least one)."""
+    chunk = min(chunk, len(val) - 1)
+    starts = range(0, max(len(val) - chunk, 1), chunk * every)
     return [np.asarray(val[s : s + chunk + 1]) for s in starts]
 
 
@@ -107,7 +110,7 @@ def train_run(
     """Train one run; returns its curve and the full-split loss at the end."""
     cfg = config(options, steps)
     train, val = load_tokens(data, "train"), load_tokens(data, "val")
-    chunks = eval_subset(val, every=64 if quick else 4)
+    chunks = eval_subset(val, chunk=512 if quick else 4096)
     params, state, step_fn = setup(cfg, load_meta(data)["vocab_size"])
     curve, start = [], time.perf_counter()
     for i in range(steps):
@@ -220,13 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--timing-steps", type=int, default=12)
     p.add_argument("--base", default="gpt2", help="label of the baseline run (report)")
+    p.add_argument("--data", type=Path, default=None, help="prepared data (default: built-in)")
     p.add_argument("--quick", action="store_true", help="tiny end-to-end check")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    data = data_dir(args.data)
     if args.quick:
-        return quick(args)
-    data = data_dir(False)
+        return quick(data)
     if args.verb == "train":
         args.out.mkdir(parents=True, exist_ok=True)
         for text in args.run:
@@ -242,11 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def quick(args: argparse.Namespace) -> int:
+def quick(data: Path) -> int:
     """Two tiny recipes for a few steps, then the report: the whole path in seconds."""
     tiny = "n_layer=1,n_embd=32,n_head=2,block_size=32,batch_size=4,warmup_steps=2"
     runs = []
-    data = data_dir(True)
     for text in (f"gpt2=gpt2,{tiny}", f"speedrun=speedrun,{tiny}"):
         label, options = parse_run(text)
         runs.append(train_run(label, options, 6, 3, data, True))
