@@ -12,7 +12,7 @@ import pytest
 from gptfn.data import prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import speedrun  # noqa: E402
+import speedrun
 
 CURVE = [{"step": 100, "val": 2.0}, {"step": 200, "val": 1.6}, {"step": 300, "val": 1.5}]
 
