@@ -125,7 +125,7 @@ def test_every_flag_is_a_toml_key(tmp_path):
 def test_architecture_keys_in_toml_reach_the_model(tmp_path):
     path = tmp_path / "llama.toml"
     path.write_text('recipe = "gpt2"\n[model]\nposition = "rotary"\nnorm = "rmsnorm"\n'
-                    'mlp = "swiglu"\nn-kv-head = 2\nqk-norm = true\nuntied = true\nbias = false\n"
+                    'mlp = "swiglu"\nn-kv-head = 2\nqk-norm = true\nuntied = true\nbias = false\n'
                     "qkv_bias = true\nrope-theta = 500\n")  # fmt: skip
     model = TrainConfig.from_dict(load_toml(path)).model.gpt_config(vocab_size=50)
     assert model == GPTConfig(
