@@ -257,6 +257,12 @@ def _resume(run: Run) -> None:
             f"cannot resume: {last} was trained on data with another tokenizer than "
             f"{run.data_dir} (vocabulary {there} there, {run.model_cfg.vocab_size} here)"
         )
+    was = saved.get("train", {}).get("recipe", "gpt2")  # runs from before recipes: gpt2's
+    if was != run.cfg.run.recipe:
+        raise ValueError(
+            f"cannot resume: {last} was trained with --recipe {was}, this run has --recipe "
+            f"{run.cfg.run.recipe}; add --recipe {was} (and the options that run was given)"
+        )
     before, now = saved.get("model", {}), run.model_cfg.to_dict()
     with contextlib.suppress(TypeError, ValueError):  # older files: fewer fields, fill defaults
         before = GPTConfig.from_dict(before).to_dict()

@@ -185,6 +185,8 @@ def test_resume_compares_model_and_data_before_the_optimizer_state(data_dir, tmp
     train(tiny(**common))
     with pytest.raises(ValueError, match=r"another model \(.*n_embd 16 there, 32 here"):
         train(tiny(**common, n_embd=32, resume=True))
+    with pytest.raises(ValueError, match=r"trained with --recipe speedrun, .* add --recipe speed"):
+        train(tiny(**common, recipe="gpt2", resume=True))
     other = tmp_path / "other"
     (other / "t.txt").parent.mkdir()
     (other / "t.txt").write_text(shakespeare()[20_000:40_000].upper())
