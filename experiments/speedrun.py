@@ -4,6 +4,7 @@ Two verbs, so runs can go side by side in separate processes and be reported tog
 
   python experiments/speedrun.py train --run "muon=gpt2,optimizer=muon" --steps 400 --out DIR
   python experiments/speedrun.py report --out DIR [--timing-steps 12]
+  python experiments/speedrun.py time --run A=gpt2 --run B=speedrun   # the timing pass alone
   python experiments/speedrun.py --quick          # a tiny end-to-end check (tests run it)
 
 A run is ``label=recipe[,option=value...]``: ``gptfn train``'s options by name on top of a
@@ -215,7 +216,7 @@ def report(runs: list[dict[str, Any]], step_time: dict[str, float], base: str) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("verb", nargs="?", choices=("train", "report"))
+    p.add_argument("verb", nargs="?", choices=("train", "report", "time"))
     p.add_argument("--run", action="append", default=[], help="label=recipe[,opt=value...]")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=100)
@@ -237,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
             label, options = parse_run(text)
             result = train_run(label, options, args.steps, args.eval_every, data, False)
             (args.out / f"{label}.json").write_text(json.dumps(result, indent=1))
+        return 0
+    if args.verb == "time":  # the timing pass alone, for runs not (yet) trained
+        runs = [dict(zip(("label", "options"), parse_run(t)), steps=args.steps) for t in args.run]
+        step_time = time_steps(runs, args.timing_steps, data)
+        first = runs[0]["label"]
+        for label, seconds in step_time.items():
+            ratio = seconds / step_time[first]
+            print(f"{label}: {seconds * 1e3:.0f} ms/step, {ratio:.3f} x {first}", flush=True)
         return 0
     runs = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
     if not any(r["label"] == args.base for r in runs):
