@@ -219,9 +219,10 @@ def test_recipes_set_defaults_and_options_given_by_name_win(tmp_path, monkeypatc
     assert from_toml.flat() == mixed.flat()
     # a recipe flag over a TOML file: the file's own keys still win over the recipe
     assert from_toml.replace(recipe="speedrun").flat() == speedrun.flat()
-    path.write_text(f'{name} = {_toml_value(RECIPES["gpt2"][name])}\n')
-    assert TrainConfig.from_dict(load_toml(path)).replace(recipe="speedrun").flat()[name] == (
-        RECIPES["gpt2"][name]
+    path.write_text(f"{name} = {_toml_value(RECIPES['gpt2'][name])}\n")
+    assert (
+        TrainConfig.from_dict(load_toml(path)).replace(recipe="speedrun").flat()[name]
+        == (RECIPES["gpt2"][name])
     )
     seen = {}
     monkeypatch.setattr("gptfn.train.train", lambda cfg: seen.setdefault("cfg", cfg) and 1 / 0)
@@ -233,8 +234,6 @@ def test_recipes_set_defaults_and_options_given_by_name_win(tmp_path, monkeypatc
 def test_a_bad_recipe_is_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--recipe", "nanogpt"])
-    assert "--recipe: invalid value 'nanogpt': one of speedrun, gpt2" in (
-        capsys.readouterr().err
-    )
+    assert "--recipe: invalid value 'nanogpt': one of speedrun, gpt2" in (capsys.readouterr().err)
     with pytest.raises(OptionError, match="recipe: invalid value 'x': one of speedrun, gpt2"):
         TrainConfig.from_dict({"run": {"recipe": "x"}})
