@@ -146,6 +146,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
     params = None
     if cfg.model.init_from is not None:  # checked before anything is written
         params, cfg = pretrained_start(cfg, env.device)  # and its architecture filled in
+    make_optimizer(cfg.optimizer, cfg.run.max_steps)  # a user optimizer's errors: before writing
     if env.is_main:
         _warn_about_settings(cfg, env)
         _data_dir(cfg)  # rank 0 prepares the built-in corpus once, the others wait
@@ -236,8 +237,9 @@ def _report_state_bytes(opt_state: Tree, env: DistEnv, sharded: bool) -> None:
 
 
 def _resume(run: Run) -> None:
-    """With ``resume``, continue from ``last.safetensors`` when it exists. The data and the
-    model are compared first (clear errors), then the optimizer state is loaded."""
+    """With ``resume``, continue from ``last.safetensors`` when it exists. The data, the
+    model and the ``--optimizer`` name are compared first (clear errors), then the optimizer
+    state is loaded."""
     last = run.run_dir / "last.safetensors"
     if not run.cfg.run.resume:
         return
@@ -262,6 +264,12 @@ def _resume(run: Run) -> None:
     ]
     if diff:
         raise ValueError(f"cannot resume: {last} holds another model ({'; '.join(diff)})")
+    there, here = saved.get("train", {}).get("optimizer"), run.cfg.optimizer.optimizer
+    if there is not None and there != here:  # a user optimizer is re-imported by its name
+        raise ValueError(
+            f"cannot resume: {last} was trained with --optimizer {there}, this run asks for "
+            f"--optimizer {here}; give --optimizer {there} to continue it"
+        )
     sharded = run.owners is not None
     params, opt_state, saved = load_checkpoint(last, run.opt_state, run.env.device, sharded)
     run.params, run.opt_state = params, opt_state
