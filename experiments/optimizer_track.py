@@ -29,7 +29,9 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +41,7 @@ import gptfn.optim as optim
 from gptfn.data import load_meta, load_tokens, prepare, random_batch, shakespeare
 from gptfn.train import make_train_step
 
-BUILTIN_GRIDS = {
+GRIDS = {
     "sgd": (0.1, 0.3, 1.0),
     "adamw": (3e-3, 1e-2, 3e-2),
     "lion": (3e-4, 1e-3, 3e-3),
@@ -155,17 +157,35 @@ def table_row(name: str, lr: float, edge: str, results: list[Result]) -> str:
             f"({len(reached)}/{len(results)}) | {spread(finals, 4)} | {seconds:.0f} |")  # fmt: skip
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be > 0")
+        return value
+
+    return parse
+
+
+def _grid(text: str) -> tuple[float, ...]:
+    return tuple(_positive(float)(x) for x in text.split(","))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--optimizer", action="append", metavar="MODULE:FUNCTION",
                    help=f"a user optimizer (repeatable; default {EXAMPLE_USER})")  # fmt: skip
-    p.add_argument("--user-grid", help=f"learning rates for user optimizers (default "
-                   f"{','.join(map(str, USER_GRID))})")  # fmt: skip
-    p.add_argument("--only", help="comma-separated built-ins to run (default all)")
-    p.add_argument("--seeds", type=int, default=3, help="report seeds after tuning (default 3)")
-    p.add_argument("--target", type=float, help="target held-out loss (default 2.3)")
-    p.add_argument("--steps", type=int, help="step budget (default 400)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    shown = ",".join(map(str, USER_GRID))
+    p.add_argument("--user-grid", type=_grid, default=USER_GRID,
+                   help=f"learning rates for user optimizers (default {shown})")  # fmt: skip
+    p.add_argument("--only", help=f"comma-separated built-ins to run (default {','.join(GRIDS)})")
+    p.add_argument("--seeds", type=_positive(int), default=3, help="reported seeds (default 3)")
+    p.add_argument("--target", type=_positive(float), help="target held-out loss (default 2.3)")
+    p.add_argument("--steps", type=_positive(int), help="step budget (default 400)")
+    p.add_argument("--threads", type=_positive(int), default=1, help="torch threads (default 1)")
     p.add_argument("--quick", action="store_true", help="a tiny model, a few steps: a smoke test")
     args = p.parse_args(argv)
     for spec in args.optimizer or []:
@@ -173,12 +193,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             optim.OptimizerConfig(optimizer=spec)  # the same checks as gptfn train's
         except optim.OptionError as err:
             p.error(f"argument --optimizer: invalid value {spec!r}: {err.problem}")
-    try:
-        args.user_grid = (
-            tuple(float(x) for x in args.user_grid.split(",")) if args.user_grid else USER_GRID
-        )
-    except ValueError:
-        p.error(f"argument --user-grid: invalid value {args.user_grid!r}: numbers, comma-separated")
+    args.only = args.only.split(",") if args.only else list(GRIDS)
+    if unknown := [name for name in args.only if name not in GRIDS]:
+        p.error(f"argument --only: invalid value {unknown[0]!r}: one of {', '.join(GRIDS)}")
     return args
 
 
@@ -189,8 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Result]]:
     setup = QUICK if args.quick else Setup()
     overrides = {k: v for k, v in (("target", args.target), ("steps", args.steps)) if v}
     setup = Setup(**{**setup.__dict__, **overrides})
-    builtins = args.only.split(",") if args.only else list(BUILTIN_GRIDS)
-    grids = {name: BUILTIN_GRIDS[name] for name in builtins}
+    grids = {name: GRIDS[name] for name in args.only}
     grids |= {spec: args.user_grid for spec in args.optimizer or [EXAMPLE_USER]}
     if args.quick:
         grids = {name: grid[1:] for name, grid in grids.items()}  # two values each
