@@ -181,7 +181,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     shown = ",".join(map(str, USER_GRID))
     p.add_argument("--user-grid", type=_grid, default=USER_GRID,
                    help=f"learning rates for user optimizers (default {shown})")  # fmt: skip
-    p.add_argument("--only", help=f"comma-separated built-ins to run (default {','.join(GRIDS)})")
+    p.add_argument("--only", help="comma-separated built-ins to run (default all; then the "
+                   f"example {EXAMPLE_USER} only if no --optimizer is given)")  # fmt: skip
     p.add_argument("--seeds", type=_positive(int), default=3, help="reported seeds (default 3)")
     p.add_argument("--target", type=_positive(float), help="target held-out loss (default 2.3)")
     p.add_argument("--steps", type=_positive(int), help="step budget (default 400)")
@@ -193,6 +194,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             optim.OptimizerConfig(optimizer=spec)  # the same checks as gptfn train's
         except optim.OptionError as err:
             p.error(f"argument --optimizer: invalid value {spec!r}: {err.problem}")
+    if args.optimizer is None:
+        args.optimizer = [] if args.only else [EXAMPLE_USER]
     args.only = args.only.split(",") if args.only else list(GRIDS)
     if unknown := [name for name in args.only if name not in GRIDS]:
         p.error(f"argument --only: invalid value {unknown[0]!r}: one of {', '.join(GRIDS)}")
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Result]]:
     overrides = {k: v for k, v in (("target", args.target), ("steps", args.steps)) if v}
     setup = Setup(**{**setup.__dict__, **overrides})
     grids = {name: GRIDS[name] for name in args.only}
-    grids |= {spec: args.user_grid for spec in args.optimizer or [EXAMPLE_USER]}
+    grids |= {spec: args.user_grid for spec in args.optimizer}
     if args.quick:
         grids = {name: grid[1:] for name, grid in grids.items()}  # two values each
     data = load_data(setup)
