@@ -44,11 +44,11 @@ from gptfn.train import make_train_step
 GRIDS = {
     "sgd": (0.1, 0.3, 1.0),
     "adamw": (3e-3, 1e-2, 3e-2),
-    "lion": (3e-4, 1e-3, 3e-3),
+    "lion": (1e-3, 3e-3, 1e-2),
     "muon": (0.01, 0.03, 0.1),
 }
 EXAMPLE_USER = "my_optimizers.lamb:lamb"
-USER_GRID = (3e-3, 1e-2, 3e-2)
+USER_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
 MUON_ADAM_LR = 3e-3
 
 
