@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Result]]:
     grids = {name: GRIDS[name] for name in args.only}
     grids |= {spec: args.user_grid for spec in args.optimizer}
     if args.quick:
-        grids = {name: grid[1:] for name, grid in grids.items()}  # two values each
+        grids = {name: grid[1:3] for name, grid in grids.items()}  # two values each
     data = load_data(setup)
     print(f"setup: {setup}\nseeds: tuning 0, reported 1..{args.seeds}; threads {args.threads}")
     print("grids: " + "; ".join(f"{n} {', '.join(map(str, g))}" for n, g in grids.items()))
