@@ -11,6 +11,13 @@ step has the same shapes (one graph); eager code attends over the slots filled s
 cheaper. Like a JAX function with donated buffers, ``extend`` writes into the cache's
 buffers and returns the updated cache; keep using the returned one.
 
+``generate(..., compile=True)`` runs two ``torch.compile(fullgraph=True)`` functions
+(:func:`compiled_steps`): prefill, and a decode step whose shapes never change during a
+generation, sampling included (:func:`sample_from_uniform` inverts the cumulative distribution
+at a uniform drawn outside the graph), so one graph serves every token; compiled, the cache
+length is rounded up to a power of two so that nearby lengths share a graph. Eager and
+compiled generation draw the same uniforms, so they give the same tokens.
+
 Prompts of different lengths are left-padded; each row gets its own positions (counted from its
 first real token) and an attention mask that hides its padding, so padding never changes a row.
 """
