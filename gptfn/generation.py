@@ -139,7 +139,7 @@ def sample_logits(
 def sample_from_uniform(
     logits: Tensor,
     uniform: Tensor,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> Tensor:
@@ -150,14 +150,25 @@ def sample_from_uniform(
     Args:
       logits: [batch, vocab].
       uniform: [batch] uniform draws in [0, 1) (ignored when greedy).
-      temperature, top_k, top_p: as :func:`sample_logits` (not checked here).
+      temperature, top_k, top_p: as :func:`sample_logits` (not checked here); the
+        temperature may be a 0-d tensor, so that changing it (to 0 included) reuses a
+        compiled graph.
 
     Returns:
       Token ids [batch].
     """
-    if temperature == 0 or top_k == 1:
+    if top_k == 1 or (not isinstance(temperature, Tensor) and temperature == 0):
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    if isinstance(temperature, Tensor):  # one graph for every temperature, 0 (greedy) included
+        scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)
+        sampled = _inverse_cdf(scaled, uniform, top_k, top_p)
+        return torch.where(temperature > 0, sampled, logits.argmax(dim=-1))
+    return _inverse_cdf(logits.float() / temperature, uniform, top_k, top_p)
+
+
+def _inverse_cdf(logits: Tensor, uniform: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """The token at ``uniform`` in the cumulative distribution of the softmax of ``logits``
+    (already divided by the temperature), restricted to the top-k / top-p tokens."""
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -311,7 +322,7 @@ def generate_stream(
     if longest > block_size:
         prompts = [p[-(block_size - 1) :] for p in prompts]  # sliding: keep the latest tokens
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    sampling = (temperature, top_k, top_p)
+    sampling = (torch.tensor(float(temperature), device=device), top_k, top_p)
     greedy = temperature == 0 or top_k == 1
     prefill_fn, decode_fn = (
         compiled_steps() if compile else (_prefill_and_sample, _decode_and_sample)
