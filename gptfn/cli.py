@@ -313,7 +313,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the prefill and decode steps (same text; pays after ~100 tokens)",
+        help="torch.compile the prefill and decode steps (same text; compiling takes a while)",
     )
 
 
