@@ -225,7 +225,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise ValueError("the prompt is empty: give at least one character")
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
-    )
+    ) | {"compile": args.compile}
     params, tokenizer, _ = load_model(args)
     print_samples(
         params,
@@ -310,6 +310,11 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=COUNT, help="same seed, same samples")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the prefill and decode steps (same text; compiling takes a while)",
+    )
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
