@@ -61,7 +61,8 @@ def _check_names(params: Params, asked: Iterable[str], seen: Iterable[str]) -> N
     trace of the model to learn the names."""
     unknown = sorted(set(asked) - set(seen))
     if unknown:
-        valid = "" if is_compiling() else "; valid names are: " + ", ".join(activation_names(params))
+        valid = "" if is_compiling() else ", ".join(activation_names(params))
+        valid = valid and f"; valid names are: {valid}"
         raise KeyError(f"unknown activation names {unknown}{valid}")
 
 

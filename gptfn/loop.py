@@ -48,6 +48,7 @@ from gptfn.distributed import (
 )
 from gptfn.finetune import pretrained_start
 from gptfn.interrupt import StopSignal, TrainingInterrupted
+from gptfn.jit import jit
 from gptfn.model import GPTConfig, config_of, init, loss
 from gptfn.optim import loss_scaling, make_optimizer
 from gptfn.run_dir import check_run_dir, clean_temps, clear_run, trim_log
@@ -78,6 +79,7 @@ class Run:
     tx: Any
     opt_state: Tree
     step_fn: Callable
+    eval_fn: Callable
     owners: dict[str, int] | None  # ZeRO-1: which rank updates each leaf
     start: int = 0
     best_val: float = math.inf
@@ -189,9 +191,17 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         params=params,
         tx=tx,
         opt_state=opt_state,
-        step_fn=torch.compile(step_fn) if cfg.run.compile else step_fn,
+        step_fn=_maybe_jit(cfg, step_fn, "the train step", env),
+        eval_fn=_maybe_jit(cfg, loss, "the evaluation", env),
         owners=owners,
     )
+
+
+def _maybe_jit(cfg: TrainConfig, fn: Callable, name: str, env: DistEnv) -> Callable:
+    """``fn`` compiled as one graph with ``--compile`` (rank 0 prints the warm-up time)."""
+    if not cfg.run.compile:
+        return fn
+    return jit(fn, name, report=(lambda line: print(line, flush=True)) if env.is_main else None)
 
 
 def _warn_about_settings(cfg: TrainConfig, env: DistEnv) -> None:
@@ -312,7 +322,7 @@ def _evaluate(run: Run) -> dict[str, float]:
     with torch.no_grad():
         losses = [
             float(
-                loss(
+                run.eval_fn(
                     run.params,
                     *random_batch(
                         run.val_data,

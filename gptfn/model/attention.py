@@ -130,9 +130,9 @@ def attend(
     Otherwise ``mask`` is boolean, broadcastable to [batch head q_seq k_seq], True = may attend.
     ``impl="fast"`` calls ``F.scaled_dot_product_attention``; ``"reference"`` spells the same
     function out with an explicit mask. Under nested torch.func transforms (grad of grad,
-    jvp, vmap) the fast path runs SDPA's math backend (see ``gptfn.tracing.needs_math_sdpa``). ``hook`` sees
-    ``{prefix}scores`` and ``{prefix}pattern`` on the reference path; a hook that wants either
-    selects the reference path.
+    jvp, vmap) the fast path runs SDPA's math backend (``gptfn.tracing.needs_math_sdpa``).
+    ``hook`` sees ``{prefix}scores`` and ``{prefix}pattern`` on the reference path; a hook that
+    wants either selects the reference path.
     """
     q, k, v = (rearrange(t, "b s h k -> b h s k") for t in (q, k, v))
     wants_pattern = wants(hook, prefix + "scores") or wants(hook, prefix + "pattern")
