@@ -17,6 +17,7 @@ from types import ModuleType
 
 from gptfn import (
     checkpoint,
+    compiling,
     curvature,
     data,
     distributed,
@@ -90,6 +91,7 @@ __all__ = [
     "files",
     "generation",
     "inspect",
+    "compiling",
     "model",
     "module",
     "optim",

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from gptfn.checkpoint import load_run
+from gptfn.compiling import jit
 from gptfn.data import load_meta, load_tokens
 from gptfn.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_mismatch
 from gptfn.generation import generate
-from gptfn.jit import jit
 from gptfn.model import config_of, forward
 from gptfn.typing import Params
 

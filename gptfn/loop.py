@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gptfn.checkpoint import flat_state, load_checkpoint, read_meta, save_checkpoint
+from gptfn.compiling import jit
 from gptfn.data import (
     Prefetcher,
     Tokenizer,
@@ -48,7 +49,6 @@ from gptfn.distributed import (
 )
 from gptfn.finetune import pretrained_start
 from gptfn.interrupt import StopSignal, TrainingInterrupted
-from gptfn.jit import jit
 from gptfn.model import GPTConfig, config_of, init, loss
 from gptfn.optim import loss_scaling, make_optimizer
 from gptfn.run_dir import check_run_dir, clean_temps, clear_run, trim_log
