@@ -9,6 +9,8 @@ decided there, whatever the backend) and AOTAutograd's trace, without inductor's
 
 from __future__ import annotations
 
+import json
+
 import optree
 import pytest
 import torch
@@ -167,8 +169,10 @@ def test_assert_compile_matches_eager_catches_graph_breaks_and_recompiles():
         )
 
 
-def test_train_compile_is_one_graph_for_step_and_eval_and_equals_eager(tmp_path, capsys):
+def test_train_and_eval_compile_equal_eager(tmp_path, capsys):
+    """``train --compile``: the step and the evaluation, one graph each; ``eval --compile``."""
     from gptfn.checkpoint import load_run
+    from gptfn.cli import main
     from gptfn.data import prepare, shakespeare
     from gptfn.train import TrainConfig, train
 
@@ -193,3 +197,10 @@ def test_train_compile_is_one_graph_for_step_and_eval_and_equals_eager(tmp_path,
     torch.testing.assert_close(
         gptfn.forward(compiled, tokens), gptfn.forward(eager, tokens), atol=1e-4, rtol=1e-4
     )
+    reports = []
+    for flags in ([], ["--compile"]):
+        assert main(["eval", "--run", str(tmp_path / "compile-True"), "--json", *flags]) == 0
+        printed = capsys.readouterr().out  # with --compile: the warm-up line, then the JSON
+        reports.append(json.loads(printed[printed.index("{") :]))
+    assert reports[1]["tokens"] == reports[0]["tokens"]
+    assert reports[1]["mean_nll"] == pytest.approx(reports[0]["mean_nll"], abs=1e-5)
