@@ -2,9 +2,11 @@
 and no recompilation when only values change (another batch, a later step, a new learning rate).
 
 Compiling is slow on CI's two cores, so inductor (the default backend) compiles only what
-``gptfn train --compile`` runs, the train step and the evaluation, in the last test; the others
-use the ``aot_eager`` backend: dynamo's one-graph capture (graph breaks and recompiles are
-decided there, whatever the backend) and AOTAutograd's trace, without inductor's code generation.
+``gptfn train --compile`` and ``gptfn eval --compile`` run, in the last test. The ten-step test
+uses ``aot_eager`` (AOTAutograd's trace of forward and backward, no code generation); the others
+use dynamo alone (``backend="eager"``): graph breaks and recompiles are decided by dynamo whatever
+the backend, and running its captured graph checks that tracing kept the function's meaning
+(no value baked in as a constant).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ LLAMA = gptfn.GPTConfig(
     tie_embeddings=False,
 )  # fmt: skip
 NEOX = gptfn.GPTConfig(VOCAB, 8, 1, 2, 16, parallel_residual=True, position="rotary")
-FAST = {"backend": "aot_eager"}
+FAST = {"backend": "eager"}
 
 
 def _batch(seed: int, rows: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +68,7 @@ def test_ten_compiled_steps_equal_eager_without_recompiling():
     adamw = inject_hyperparams(optim.adamw)(learning_rate=sched, weight_decay=0.1)
     tx = optim.chain(optim.clip_by_global_norm(0.5), adamw)
     step = gptfn.make_train_step(tx, accum_steps=2)
-    compiled = torch.compile(step, fullgraph=True, dynamic=False, **FAST)
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
     params = gptfn.init(GPT2, seed=0)
     eager = (params, tx.init(params))
     fast = (params, tx.init(params))
@@ -88,15 +90,14 @@ def test_ten_compiled_steps_equal_eager_without_recompiling():
 @pytest.mark.parametrize(
     "make_tx, dtype",
     [
-        (lambda: optim.muon(1e-2, adam_learning_rate=1e-3), None),
+        (lambda: optim.muon(1e-2, adam_learning_rate=1e-3), "bfloat16"),
         (lambda: optim.loss_scaling(optim.masked(optim.adamw(1e-3), optim.matrices)), "float16"),
-        (lambda: optim.adamw(1e-3), "bfloat16"),
     ],
-    ids=["muon", "masked-fp16-loss-scaling", "bf16-autocast"],
+    ids=["muon-bf16-autocast", "masked-fp16-loss-scaling"],
 )
 def test_step_with_each_optimizer_and_precision_is_one_graph(make_tx, dtype):
     tx = make_tx()
-    params = gptfn.init(LLAMA if dtype is None else GPT2, seed=0)
+    params = gptfn.init(LLAMA if dtype == "bfloat16" else GPT2, seed=0)
     run = _forward_after(gptfn.make_train_step(tx, dtype=dtype))
     state = tx.init(params)
     assert_compile_matches_eager(
@@ -108,9 +109,9 @@ def test_per_example_grads_and_a_vmapped_ensemble_step_are_one_graph():
     params = gptfn.init(GPT2, seed=0)
     assert_compile_matches_eager(gptfn.per_example_grads, params, *_batch(0), **FAST)
     tx = inject_hyperparams(optim.adamw)(learning_rate=1e-3)
-    stacked = gptfn.tree.stack([gptfn.init(GPT2, seed=s) for s in range(3)])
+    stacked = gptfn.tree.stack([gptfn.init(GPT2, seed=s) for s in range(2)])
     state = torch.func.vmap(tx.init)(stacked)
-    state = set_hyperparams(state, learning_rate=torch.tensor([1e-3, 3e-3, 1e-2]))
+    state = set_hyperparams(state, learning_rate=torch.tensor([1e-3, 1e-2]))
     ensemble_step = torch.func.vmap(_forward_after(gptfn.make_train_step(tx)), in_dims=(0, 0, None))
     assert_compile_matches_eager(
         ensemble_step,
@@ -155,7 +156,8 @@ def test_hvp_is_one_graph():
 
 def test_assert_compile_matches_eager_catches_graph_breaks_and_recompiles():
     def breaks(x):
-        return x + float(x.sum())  # reads a value: a graph break
+        torch._dynamo.graph_break()  # what an untraceable call would do
+        return x + 1
 
     with pytest.raises(AssertionError, match=r"torch\.compile failed"):
         assert_compile_matches_eager(breaks, torch.ones(2), backend="eager")
