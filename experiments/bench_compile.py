@@ -17,6 +17,7 @@ for a compiled runner, is its first compile). Tables:
    empty compile cache: the first compile and the cached (second-run) one.
 
     python experiments/bench_compile.py --nanogpt /tmp/nanoGPT [--steps 10] [--threads 2]
+        [--only default|large|nanogpt|cache|profile]
 """
 
 from __future__ import annotations
@@ -115,6 +116,18 @@ def print_table(title: str, results: dict[str, dict], ratios: list[tuple[str, st
         print(f"\n{label}: {ratio:.2f}x{verdict}")
 
 
+def profile(cfg: gptfn.GPTConfig, batch: int, dtype: str, steps: int) -> None:
+    """Where a step spends its time, eager and compiled: the top operators by self CPU time."""
+    for compile in (False, True):
+        run = gptfn_runner(cfg, batch, dtype, compile)
+        run(), run()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                run()
+        print(f"\n#### {'compiled' if compile else 'eager'} step, {steps} steps profiled\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def compile_times(lines: str) -> dict[str, float]:
     found = re.findall(r"compiled (the [a-z ]+?) in ([0-9.]+) s", lines)
     return {what: float(s) for what, s in found}
@@ -147,10 +160,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed iterations per runner")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (its model.py)")
-    ap.add_argument("--only", choices=["default", "large", "nanogpt", "cache"], action="append")
+    parts = ["default", "large", "nanogpt", "cache", "profile"]
+    ap.add_argument("--only", choices=parts, action="append", help="(default: all but profile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    only = set(args.only or ["default", "large", "nanogpt", "cache"])
+    only = set(args.only or parts[:-1])
     print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} timed iterations")
     if "default" in only:
         cfg = gptfn.GPTConfig(65, 128, 4, 4, 128)
@@ -206,6 +220,8 @@ def main() -> None:
         )
     if "cache" in only:
         cached_starts(args.threads)
+    if "profile" in only:
+        profile(gptfn.GPTConfig(65, 128, 4, 4, 128), 32, "float32", 3)
 
 
 if __name__ == "__main__":
