@@ -198,10 +198,12 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
 
 
 def _maybe_jit(cfg: TrainConfig, fn: Callable, name: str, env: DistEnv) -> Callable:
-    """``fn`` compiled as one graph with ``--compile`` (rank 0 prints the warm-up time)."""
+    """``fn`` compiled with ``--compile``: one graph in a single process (under torchrun the
+    all-reduce may split it); rank 0 prints the warm-up time."""
     if not cfg.run.compile:
         return fn
-    return jit(fn, name, report=(lambda line: print(line, flush=True)) if env.is_main else None)
+    report = (lambda line: print(line, flush=True)) if env.is_main else None
+    return jit(fn, name, report, fullgraph=env.world_size == 1)
 
 
 def _warn_about_settings(cfg: TrainConfig, env: DistEnv) -> None:
