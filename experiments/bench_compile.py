@@ -68,7 +68,7 @@ def gptfn_runner(cfg: gptfn.GPTConfig, batch: int, dtype: str, compile: bool) ->
 
     def run() -> None:
         x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size + 1), generator=gen)
-        params, opt_state, metrics = step(*state, (x[:, :-1], x[:, 1:]))
+        params, opt_state, metrics = step(*state, (x[:, :-1].contiguous(), x[:, 1:].contiguous()))
         state[:] = [params, opt_state]
         float(metrics["loss"])
 
@@ -94,7 +94,7 @@ def nanogpt_runner(model_py: Path, compile: bool, batch: int = 12) -> Callable:
         x = torch.randint(0, 65, (batch, 65), generator=gen)
         for group in opt.param_groups:
             group["lr"] = 1e-3 * min(1.0, (it[0] + 1) / 100)
-        _, loss = model(x[:, :-1], x[:, 1:])
+        _, loss = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())  # as get_batch gives
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
