@@ -246,6 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         stride=args.stride,
         bleu_samples=args.bleu_samples,
         batch_size=args.batch_size,
+        compile=args.compile,
     )
     if args.model is None:
         report = evaluate_run(args.run, checkpoint=args.checkpoint or "last", **options)
@@ -325,6 +326,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bleu-samples", type=COUNT, default=0, help="BLEU of this many continuations")
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="(default 32)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--compile", action="store_true", help="score with one torch.compile'd graph")
 
 
 def _plot_args(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gptfn.checkpoint import flat_state, load_checkpoint, read_meta, save_checkpoint
+from gptfn.compiling import jit
 from gptfn.data import (
     Prefetcher,
     Tokenizer,
@@ -78,6 +79,7 @@ class Run:
     tx: Any
     opt_state: Tree
     step_fn: Callable
+    eval_fn: Callable
     owners: dict[str, int] | None  # ZeRO-1: which rank updates each leaf
     start: int = 0
     best_val: float = math.inf
@@ -190,9 +192,19 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         params=params,
         tx=tx,
         opt_state=opt_state,
-        step_fn=torch.compile(step_fn) if cfg.run.compile else step_fn,
+        step_fn=_maybe_jit(cfg, step_fn, "the train step", env),
+        eval_fn=_maybe_jit(cfg, loss, "the evaluation", env),
         owners=owners,
     )
+
+
+def _maybe_jit(cfg: TrainConfig, fn: Callable, name: str, env: DistEnv) -> Callable:
+    """``fn`` compiled with ``--compile``: one graph in a single process (under torchrun the
+    all-reduce may split it); rank 0 prints the warm-up time."""
+    if not cfg.run.compile:
+        return fn
+    report = (lambda line: print(line, flush=True)) if env.is_main else None
+    return jit(fn, name, report, fullgraph=env.world_size == 1)
 
 
 def _warn_about_settings(cfg: TrainConfig, env: DistEnv) -> None:
@@ -320,7 +332,7 @@ def _evaluate(run: Run) -> dict[str, float]:
     with torch.no_grad():
         losses = [
             float(
-                loss(
+                run.eval_fn(
                     run.params,
                     *random_batch(
                         run.val_data,

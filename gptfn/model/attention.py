@@ -15,8 +15,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
-from torch._C._functorch import TransformType
-from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptfn.model.config import GPTConfig
@@ -29,6 +27,7 @@ from gptfn.model.layers import (
     tap,
     wants,
 )
+from gptfn.tracing import needs_math_sdpa
 from gptfn.typing import Float, Params, Tensor
 
 __all__ = ["attend", "attention_out", "attention_qkv", "self_attention", "update_cache"]
@@ -132,8 +131,8 @@ def attend(
     ``impl="fast"`` calls ``F.scaled_dot_product_attention``, or, under ``torch.compile``, for
     one query with a mask (a decode step) a plain matmul-softmax-matmul that inductor fuses
     (see ``_one_query_attention``); ``"reference"`` spells the same function out with an
-    explicit mask. Under nested torch.func transforms (grad of grad,
-    jvp, vmap) the fast path runs SDPA's math backend (see ``_needs_math_sdpa``). ``hook`` sees
+    explicit mask. Under nested torch.func transforms (grad of grad, jvp, vmap) the fast path
+    runs SDPA's math backend (``gptfn.tracing.needs_math_sdpa``). ``hook`` sees
     ``{prefix}scores`` and ``{prefix}pattern`` on the reference path; a hook that wants either
     selects the reference path.
     """
@@ -150,20 +149,11 @@ def attend(
     return rearrange(z, "b h s k -> b s h k")
 
 
-def _needs_math_sdpa() -> bool:
-    """True under any torch.func transform but a single ``grad``: the fused CPU kernels have no
-    batching rule (vmap would loop), no forward-mode AD (jvp) and no double backward."""
-    level = torch._C._functorch.maybe_current_level()
-    if level is None:
-        return False
-    return level >= 2 or retrieve_current_functorch_interpreter().key() != TransformType.Grad
-
-
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     kwargs: dict[str, Any] = {"is_causal": True} if mask is None else {"attn_mask": mask}
     if k.shape[1] != q.shape[1]:
         kwargs["enable_gqa"] = True
-    if _needs_math_sdpa():
+    if needs_math_sdpa():
         with sdpa_kernel([SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
