@@ -58,12 +58,12 @@ def main() -> None:
 
         default = timed(lambda: gptfn.per_example_grads(params, x, y))
         reference = timed(lambda: gptfn.per_example_grads(params, x, y, attention="reference"))
-        automatic = gptfn.model.attention._needs_math_sdpa
-        gptfn.model.attention._needs_math_sdpa = lambda: False  # force the fused kernel (internal)
+        automatic = gptfn.model.attention.needs_math_sdpa
+        gptfn.model.attention.needs_math_sdpa = lambda: False  # force the fused kernel (internal)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fused = timed(lambda: gptfn.per_example_grads(params, x, y))
-        gptfn.model.attention._needs_math_sdpa = automatic
+        gptfn.model.attention.needs_math_sdpa = automatic
         warned = any("performance drop" in str(w.message) for w in caught)
         looped = timed(loop)
         print(

@@ -227,7 +227,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise ValueError("the prompt is empty: give at least one character")
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
-    )
+    ) | {"compile": args.compile}
     params, tokenizer, _ = load_model(args)
     print_samples(
         params,
@@ -248,6 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         stride=args.stride,
         bleu_samples=args.bleu_samples,
         batch_size=args.batch_size,
+        compile=args.compile,
     )
     if args.model is None:
         report = evaluate_run(args.run, checkpoint=args.checkpoint or "last", **options)
@@ -312,6 +313,11 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=COUNT, help="same seed, same samples")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the prefill and decode steps (same text; compiling takes a while)",
+    )
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -322,6 +328,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bleu-samples", type=COUNT, default=0, help="BLEU of this many continuations")
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="(default 32)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--compile", action="store_true", help="score with one torch.compile'd graph")
 
 
 def _plot_args(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfn.checkpoint import load_run
+from gptfn.compiling import jit
 from gptfn.data import load_meta, load_tokens
 from gptfn.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_mismatch
 from gptfn.generation import generate
@@ -42,20 +43,37 @@ def windows(
     return out
 
 
+def _nll_sum(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of the targets ``y`` (-1: not scored) given ``x``."""
+    logits = forward(params, x)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum"
+    )
+
+
 @torch.no_grad()
 def token_nll(
-    params: Params, ids: np.ndarray | torch.Tensor, stride: int | None = None, batch_size: int = 32
+    params: Params,
+    ids: np.ndarray | torch.Tensor,
+    stride: int | None = None,
+    batch_size: int = 32,
+    compile: bool = False,
 ) -> tuple[float, int]:
-    """Total negative log-likelihood (nats) of ``ids[1:]`` given their prefixes, and the count."""
+    """Total negative log-likelihood (nats) of ``ids[1:]`` given their prefixes, and the count.
+
+    With ``compile`` the forward and the loss run as one compiled graph, every batch padded to
+    ``[batch_size, block_size]`` (padding is not scored) so that one graph serves them all."""
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     block_size = config_of(params).block_size
     spans = windows(len(ids), block_size, stride)
+    nll_sum = jit(_nll_sum, "the evaluation") if compile else _nll_sum
     total, count = 0.0, 0
     device = params["wte"].device
     for i in range(0, len(spans), batch_size):
         chunk = spans[i : i + batch_size]
         width = max(end - start - 1 for start, end, _ in chunk)
-        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        rows, width = (batch_size, block_size) if compile else (len(chunk), width)
+        x = torch.zeros(rows, width, dtype=torch.long)
         y = torch.full_like(x, -1)
         for row, (start, end, first) in enumerate(chunk):
             n = end - start - 1
@@ -63,15 +81,7 @@ def token_nll(
             keep = ids[start + 1 : end].clone()
             keep[: first - start - 1] = -1  # targets scored by an earlier window
             y[row, :n] = keep
-        logits = forward(params, x.to(device))
-        total += float(
-            F.cross_entropy(
-                logits.flatten(0, 1).float(),
-                y.flatten().to(device),
-                ignore_index=-1,
-                reduction="sum",
-            )
-        )
+        total += float(nll_sum(params, x.to(device), y.to(device)))
         count += int((y >= 0).sum())
     return total, count
 
@@ -145,6 +155,7 @@ def evaluate(
     stride: int | None = None,
     bleu_samples: int = 0,
     batch_size: int = 32,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Perplexity of a model on the validation split of prepared ``data`` or on a raw ``text``
     file (encoded as the tokenizer does a document: after Llama's BOS, for instance), plus BLEU
@@ -158,6 +169,7 @@ def evaluate(
       stride: sliding windows advancing this many tokens (default: windows do not overlap).
       bleu_samples: continuations scored with BLEU (0: none).
       batch_size: windows per forward.
+      compile: score with one compiled graph (``torch.compile``; prints its warm-up time).
 
     Returns:
       ``source``, ``stride``, mean NLL, perplexity, bits per token / char / byte, tokens...
@@ -188,7 +200,7 @@ def evaluate(
         source = f"{data_dir}/val.bin"
     if len(ids) < 2:
         raise ValueError(f"{source} is {len(ids)} token(s) long: nothing to score")
-    total, count = token_nll(params, ids, stride, batch_size)
+    total, count = token_nll(params, ids, stride, batch_size, compile)
     # bits per char/byte are over the characters whose tokens were scored: all of the text
     # after a leading special token, else all but the first token's
     first = "" if lead else tokenizer.decode(ids[:1].tolist())
@@ -210,11 +222,12 @@ def evaluate_run(
     bleu_samples: int = 0,
     batch_size: int = 32,
     checkpoint: str = "last",
+    compile: bool = False,
 ) -> dict[str, Any]:
     """:func:`evaluate` of a run's model (its ``checkpoint``, "last" or "best") on its own
     validation split (or ``data``'s, or a raw ``text`` file); the report adds the ``step``."""
     params, tokenizer, meta = load_run(run, checkpoint)
     if text is None and data is None:
         data = meta["data_dir"]
-    report = evaluate(params, tokenizer, data, text, stride, bleu_samples, batch_size)
+    report = evaluate(params, tokenizer, data, text, stride, bleu_samples, batch_size, compile)
     return {"source": report.pop("source"), "step": meta["step"]} | report

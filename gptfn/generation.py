@@ -11,6 +11,13 @@ step has the same shapes (one graph); eager code attends over the slots filled s
 cheaper. Like a JAX function with donated buffers, ``extend`` writes into the cache's
 buffers and returns the updated cache; keep using the returned one.
 
+``generate(..., compile=True)`` runs two ``torch.compile(fullgraph=True)`` functions
+(:func:`compiled_steps`): prefill, and a decode step whose shapes never change during a
+generation, sampling included (:func:`sample_from_uniform` inverts the cumulative distribution
+at a uniform drawn outside the graph), so one graph serves every token; compiled, the cache
+length is rounded up to a power of two so that nearby lengths share a graph. Eager and
+compiled generation draw the same uniforms, so they give the same tokens.
+
 Prompts of different lengths are left-padded; each row gets its own positions (counted from its
 first real token) and an attention mask that hides its padding, so padding never changes a row.
 """
@@ -37,6 +44,8 @@ __all__ = [
     "generate",
     "generate_stream",
     "sample_logits",
+    "sample_from_uniform",
+    "compiled_steps",
 ]
 
 Cache = dict[str, Any]
@@ -103,6 +112,15 @@ prefill = extend
 decode_step = extend
 
 
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def sample_logits(
     logits: Tensor,
     temperature: float = 1.0,
@@ -111,20 +129,50 @@ def sample_logits(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """One token id per row of ``logits`` [batch, vocab]: greedy at temperature 0, else sampled
-    from the softmax restricted to the ``top_k`` largest and/or the ``top_p`` nucleus."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0 or top_k == 1:
+    from the softmax restricted to the ``top_k`` largest and/or the ``top_p`` nucleus, with one
+    uniform per row drawn from ``generator`` (see :func:`sample_from_uniform`)."""
+    _check_sampling(temperature, top_k, top_p)
+    uniform = torch.rand(logits.shape[:-1], generator=generator, device=logits.device)
+    return sample_from_uniform(logits, uniform, temperature, top_k, top_p)
+
+
+def sample_from_uniform(
+    logits: Tensor,
+    uniform: Tensor,
+    temperature: float | Tensor = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """:func:`sample_logits` given its randomness: ``uniform`` [batch] in [0, 1) picks each
+    row's token by inverting the cumulative distribution, so the whole draw is tensor code that
+    compiles into one graph (no ``torch.multinomial``, no generator inside the graph).
+
+    Args:
+      logits: [batch, vocab].
+      uniform: [batch] uniform draws in [0, 1) (ignored when greedy).
+      temperature, top_k, top_p: as :func:`sample_logits` (not checked here); the
+        temperature may be a 0-d tensor, so that changing it (to 0 included) reuses a
+        compiled graph.
+
+    Returns:
+      Token ids [batch].
+    """
+    if top_k == 1 or (not isinstance(temperature, Tensor) and temperature == 0):
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    if isinstance(temperature, Tensor):  # one graph for every temperature, 0 (greedy) included
+        scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)
+        sampled = _inverse_cdf(scaled, uniform, top_k, top_p)
+        return torch.where(temperature > 0, sampled, logits.argmax(dim=-1))
+    return _inverse_cdf(logits.float() / temperature, uniform, top_k, top_p)
+
+
+def _inverse_cdf(logits: Tensor, uniform: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """The token at ``uniform`` in the cumulative distribution of the softmax of ``logits``
+    (already divided by the temperature), restricted to the top-k / top-p tokens."""
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
@@ -132,7 +180,13 @@ def sample_logits(
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(dim=-1)
+    # the first token whose cumulative mass exceeds u * total: never one of probability 0
+    # (its cdf equals its predecessor's); the clamp to the last possible token guards rounding
+    chosen = (cdf <= uniform[..., None] * cdf[..., -1:]).sum(dim=-1)
+    ids = torch.arange(probs.shape[-1], device=probs.device)
+    last_possible = torch.where(probs > 0, ids, 0).amax(dim=-1)
+    return torch.minimum(chosen, last_possible)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -180,6 +234,46 @@ def _as_prompts(prompts: Prompts) -> list[list[int]]:
     return rows
 
 
+def _prefill_and_sample(
+    params: Params, tokens: Tensor, cache: Cache, uniform: Tensor, *sampling: Any
+) -> tuple[Tensor, Cache]:
+    """Run a prompt [batch, n] into the cache and pick each row's next token."""
+    logits, cache = extend(params, tokens, cache)
+    return sample_from_uniform(logits[:, -1], uniform, *sampling), cache
+
+
+def _decode_and_sample(
+    params: Params, token: Tensor, cache: Cache, uniform: Tensor, *sampling: Any
+) -> tuple[Tensor, Cache]:
+    """One decode step: run each row's last token [batch] and pick the next one. Shapes are
+    the same at every step, so compiled it is one graph for the whole generation."""
+    logits, cache = extend(params, token[:, None], cache)
+    return sample_from_uniform(logits[:, -1], uniform, *sampling), cache
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def compiled_steps() -> tuple[Any, Any]:
+    """The ``torch.compile``d prefill and decode steps of ``generate(..., compile=True)``:
+    ``step(params, tokens, cache, uniform, temperature, top_k, top_p) -> (next ids, cache)``.
+    Compiled apart with ``fullgraph=True``: prefill with shapes that may vary (prompt lengths),
+    decode with static shapes, one graph per batch size, cache length and sampling setting.
+    Built once per process (and cached on disk by ``torch.compile`` across processes)."""
+    if not _COMPILED:
+        _COMPILED["prefill"] = torch.compile(_prefill_and_sample, fullgraph=True)
+        _COMPILED["decode"] = torch.compile(_decode_and_sample, fullgraph=True, dynamic=False)
+    return _COMPILED["prefill"], _COMPILED["decode"]
+
+
+def _cache_length(need: int, block_size: int, compiled: bool) -> int:
+    """Slots to allocate: what the generation needs; compiled, rounded up to a power of two
+    (at least 64) so that nearby lengths share one decode graph."""
+    if compiled:
+        need = max(64, 1 << (need - 1).bit_length())
+    return min(block_size, need)
+
+
 @torch.no_grad()
 def generate_stream(
     params: Params,
@@ -192,6 +286,7 @@ def generate_stream(
     seed: int | None = None,
     eos_token_id: int | None = None,
     sliding_window: bool = False,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, one new token for each prompt (None for rows already stopped at EOS).
 
@@ -207,12 +302,15 @@ def generate_stream(
       eos_token_id: a row stops after generating this id (it is included).
       sliding_window: past the context, keep generating over the latest block_size - 1 tokens
         (otherwise running past the context is an error).
+      compile: run prefill and decode steps through ``torch.compile`` (see
+        :func:`compiled_steps`); the same tokens as without, faster after the first call.
     """
     prompts = _as_prompts(prompts)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (and there must be a prompt)")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(temperature, top_k, top_p)
     block_size = config_of(params).block_size
     device = params["wte"].device
     longest = max(len(p) for p in prompts)
@@ -224,14 +322,25 @@ def generate_stream(
     if longest > block_size:
         prompts = [p[-(block_size - 1) :] for p in prompts]  # sliding: keep the latest tokens
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    sampling = (torch.tensor(float(temperature), device=device), top_k, top_p)
+    greedy = temperature == 0 or top_k == 1
+    prefill_fn, decode_fn = (
+        compiled_steps() if compile else (_prefill_and_sample, _decode_and_sample)
+    )
     params = decode_layout(params)
     history = [list(p) for p in prompts]
     tokens, pad = _left_pad(history, device)
-    cache = init_cache(params, len(prompts), min(block_size, tokens.shape[1] + max_new_tokens), pad)
-    logits, cache = prefill(params, tokens, cache)
-    done = [False] * len(prompts)
-    for _ in range(max_new_tokens):
-        nxt = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)
+    batch, width = len(prompts), _cache_length(longest + max_new_tokens, block_size, compile)
+
+    def uniform() -> Tensor:
+        if greedy:
+            return torch.zeros(batch, device=device)
+        return torch.rand(batch, generator=generator, device=device)
+
+    cache = init_cache(params, batch, width, pad)
+    nxt, cache = prefill_fn(params, tokens, cache, uniform(), *sampling)
+    filled, done = tokens.shape[1], [False] * batch
+    for step in range(max_new_tokens):
         out: list[int | None] = []
         for i, t in enumerate(nxt.tolist()):
             out.append(None if done[i] else t)
@@ -239,15 +348,16 @@ def generate_stream(
                 history[i].append(t)
                 done[i] = t == eos_token_id
         yield out
-        if all(done):
+        if all(done) or step == max_new_tokens - 1:
             return
-        if int(cache["length"]) == cache["layers"][0]["k"].shape[1]:  # full: rebuild over a window
-            window = [h[-(block_size - 1) :] for h in history]
-            tokens, pad = _left_pad(window, device)
-            cache = init_cache(params, len(prompts), block_size, pad)
-            logits, cache = prefill(params, tokens, cache)
+        if filled == width:  # full: rebuild over a window
+            tokens, pad = _left_pad([h[-(block_size - 1) :] for h in history], device)
+            cache = init_cache(params, batch, width, pad)
+            nxt, cache = prefill_fn(params, tokens, cache, uniform(), *sampling)
+            filled = tokens.shape[1]
         else:
-            logits, cache = decode_step(params, nxt[:, None], cache)
+            nxt, cache = decode_fn(params, nxt, cache, uniform(), *sampling)
+            filled += 1
 
 
 def generate(

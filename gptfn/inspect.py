@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from gptfn.model import GPTConfig, config_of, forward, init, unembed
+from gptfn.tracing import is_compiling
 from gptfn.typing import Params
 
 __all__ = ["activation_names", "run_with_cache", "run_with_patches", "logit_lens"]
@@ -53,25 +54,33 @@ def activation_names(params: Params) -> list[str]:
     return list(_names_for(config_of(params)))
 
 
-def _resolve(params: Params, names: Iterable[str]) -> set[str]:
-    valid = activation_names(params)
-    unknown = sorted(set(names) - set(valid))
+def _check_names(params: Params, asked: Iterable[str], seen: Iterable[str]) -> None:
+    """Raise KeyError for names that were asked for but that the forward never produced.
+
+    Checked after the forward, from what it saw, so that a compiled call needs no separate
+    trace of the model to learn the names."""
+    unknown = sorted(set(asked) - set(seen))
     if unknown:
-        raise KeyError(f"unknown activation names {unknown}; valid names are: {', '.join(valid)}")
-    return set(names)
+        valid = "" if is_compiling() else ", ".join(activation_names(params))
+        valid = valid and f"; valid names are: {valid}"
+        raise KeyError(f"unknown activation names {unknown}{valid}")
 
 
 class _Hook:
-    """``fn`` as a hook that is only called for (and only asks for) the ``wanted`` names."""
+    """``fn`` as a hook that is only called for (and only asks for) the names ``wanted`` accepts;
+    ``seen`` records the names it was called for."""
 
-    def __init__(self, wanted: set[str], fn: Callable[[str, Tensor], Tensor]) -> None:
-        self.wanted, self.fn = wanted, fn
+    def __init__(self, wanted: Callable[[str], bool], fn: Callable[[str, Tensor], Tensor]) -> None:
+        self.wanted, self.fn, self.seen = wanted, fn, []
 
     def __call__(self, name: str, x: Tensor) -> Tensor:
-        return self.fn(name, x) if name in self.wanted else x
+        if not self.wanted(name):
+            return x
+        self.seen.append(name)
+        return self.fn(name, x)
 
     def wants(self, name: str) -> bool:
-        return name in self.wanted
+        return self.wanted(name)
 
 
 def run_with_cache(
@@ -81,13 +90,16 @@ def run_with_cache(
     **forward_kwargs: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``(logits, cache)``: ``cache`` maps activation names to tensors. ``names`` (a list, or a
-    predicate on the name) limits what is kept (and computed); None keeps all."""
+    predicate on the name) limits what is kept (and computed); None keeps all.
+
+    Works under ``torch.compile(fullgraph=True)``: the hook is plain Python that dynamo traces."""
     if names is None:
-        wanted = set(activation_names(params))
+        wanted: Callable[[str], bool] = lambda name: True  # noqa: E731
     elif callable(names):
-        wanted = {n for n in activation_names(params) if names(n)}
+        wanted = names
     else:
-        wanted = _resolve(params, names)
+        names = list(names)
+        wanted = lambda name: name in names  # noqa: E731
     cache: dict[str, Tensor] = {}
 
     def keep(name: str, x: Tensor) -> Tensor:
@@ -95,6 +107,8 @@ def run_with_cache(
         return x
 
     logits = forward(params, tokens, hook=_Hook(wanted, keep), **forward_kwargs)
+    if isinstance(names, list):
+        _check_names(params, names, cache)
     return logits, cache
 
 
@@ -106,9 +120,10 @@ def run_with_patches(
 ) -> Tensor:
     """Logits with ``patches[name](activation)`` replacing each named activation where it is
     computed (later layers see the new value)."""
-    wanted = _resolve(params, patches)
-    hook = _Hook(wanted, lambda name, x: patches[name](x))
-    return forward(params, tokens, hook=hook, **forward_kwargs)
+    hook = _Hook(lambda name: name in patches, lambda name, x: patches[name](x))
+    logits = forward(params, tokens, hook=hook, **forward_kwargs)
+    _check_names(params, patches, hook.seen)
+    return logits
 
 
 def logit_lens(params: Params, cache: Mapping[str, Tensor]) -> Tensor:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gptfn.checkpoint import flat_state, load_checkpoint, read_meta, save_checkpoint
+from gptfn.compiling import jit
 from gptfn.data import (
     Prefetcher,
     Tokenizer,
@@ -78,6 +79,7 @@ class Run:
     tx: Any
     opt_state: Tree
     step_fn: Callable
+    eval_fn: Callable
     owners: dict[str, int] | None  # ZeRO-1: which rank updates each leaf
     start: int = 0
     best_val: float = math.inf
@@ -146,6 +148,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
     params = None
     if cfg.model.init_from is not None:  # checked before anything is written
         params, cfg = pretrained_start(cfg, env.device)  # and its architecture filled in
+    make_optimizer(cfg.optimizer, cfg.run.max_steps)  # a user optimizer's errors: before writing
     if env.is_main:
         _warn_about_settings(cfg, env)
         _data_dir(cfg)  # rank 0 prepares the built-in corpus once, the others wait
@@ -194,9 +197,19 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         params=params,
         tx=tx,
         opt_state=opt_state,
-        step_fn=torch.compile(step_fn) if cfg.run.compile else step_fn,
+        step_fn=_maybe_jit(cfg, step_fn, "the train step", env),
+        eval_fn=_maybe_jit(cfg, loss, "the evaluation", env),
         owners=owners,
     )
+
+
+def _maybe_jit(cfg: TrainConfig, fn: Callable, name: str, env: DistEnv) -> Callable:
+    """``fn`` compiled with ``--compile``: one graph in a single process (under torchrun the
+    all-reduce may split it); rank 0 prints the warm-up time."""
+    if not cfg.run.compile:
+        return fn
+    report = (lambda line: print(line, flush=True)) if env.is_main else None
+    return jit(fn, name, report, fullgraph=env.world_size == 1)
 
 
 def _warn_about_settings(cfg: TrainConfig, env: DistEnv) -> None:
@@ -241,8 +254,9 @@ def _report_state_bytes(opt_state: Tree, env: DistEnv, sharded: bool) -> None:
 
 
 def _resume(run: Run) -> None:
-    """With ``resume``, continue from ``last.safetensors`` when it exists. The data and the
-    model are compared first (clear errors), then the optimizer state is loaded."""
+    """With ``resume``, continue from ``last.safetensors`` when it exists. The data, the
+    model and the ``--optimizer`` name are compared first (clear errors), then the optimizer
+    state is loaded."""
     last = run.run_dir / "last.safetensors"
     if not run.cfg.run.resume:
         return
@@ -273,6 +287,12 @@ def _resume(run: Run) -> None:
     ]
     if diff:
         raise ValueError(f"cannot resume: {last} holds another model ({'; '.join(diff)})")
+    there, here = saved.get("train", {}).get("optimizer"), run.cfg.optimizer.optimizer
+    if there is not None and there != here:  # a user optimizer is re-imported by its name
+        raise ValueError(
+            f"cannot resume: {last} was trained with --optimizer {there}, this run asks for "
+            f"--optimizer {here}; give --optimizer {there} to continue it"
+        )
     sharded = run.owners is not None
     params, opt_state, saved = load_checkpoint(last, run.opt_state, run.env.device, sharded)
     run.params, run.opt_state = params, opt_state
@@ -323,7 +343,7 @@ def _evaluate(run: Run) -> dict[str, float]:
     with torch.no_grad():
         losses = [
             float(
-                loss(
+                run.eval_fn(
                     run.params,
                     *random_batch(
                         run.val_data,

@@ -22,7 +22,7 @@ This module imports hypothesis; ``import gptfn`` alone does not.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optree
@@ -317,14 +317,40 @@ def assert_compile_matches_eager(
     *args: Any,
     atol: float = 1e-5,
     rtol: float = 1e-5,
+    more_args: Sequence[tuple[Any, ...]] = (),
+    fullgraph: bool = True,
     **compile_kwargs: Any,
-) -> None:
-    """``torch.compile(fn)(*args)`` equals ``fn(*args)`` (inputs are copied for each run)."""
-    eager = fn(*copy.deepcopy(args))
-    try:
-        compiled = torch.compile(fn, **compile_kwargs)(*copy.deepcopy(args))
-    except Exception as err:
-        raise AssertionError(
-            f"assert_compile_matches_eager: torch.compile failed: {type(err).__name__}: {err}"
-        ) from err
-    _tree_outputs_close(compiled, eager, atol, rtol, "assert_compile_matches_eager")
+) -> Callable[..., Any]:
+    """``torch.compile(fn, fullgraph=True)`` compiles ``fn`` as one graph and equals it.
+
+    The compiled function is called on ``args``, then on each tuple of ``more_args`` (other
+    values of the same shapes: another batch, a later step's state), and must not recompile
+    for them; every call must match ``fn`` eagerly. Inputs are copied for each run.
+
+    Args:
+      fn: The function to compile.
+      *args: Its arguments for the first call (the one that compiles).
+      atol, rtol: The tolerance of each output leaf.
+      more_args: Further argument tuples the compiled function must serve without recompiling.
+      fullgraph: False allows graph breaks (a fallback to eager then passes unnoticed).
+      **compile_kwargs: Passed to ``torch.compile`` (``backend=``, ``mode=`` ...); ``dynamic``
+        is False unless given (static shapes: a new shape is a new graph, values never are).
+
+    Returns:
+      The compiled function, to be called again by the caller.
+    """
+    compile_kwargs.setdefault("dynamic", False)
+    compiled = torch.compile(fn, fullgraph=fullgraph, **compile_kwargs)
+    for i, call_args in enumerate([args, *more_args]):
+        eager = fn(*copy.deepcopy(call_args))
+        stance = "fail_on_recompile" if i else "default"
+        try:
+            with torch.compiler.set_stance(stance):
+                out = compiled(*copy.deepcopy(call_args))
+        except Exception as err:
+            what = f"recompiled for more_args[{i - 1}]" if i else "torch.compile failed"
+            raise AssertionError(
+                f"assert_compile_matches_eager: {what}: {type(err).__name__}: {err}"
+            ) from err
+        _tree_outputs_close(out, eager, atol, rtol, "assert_compile_matches_eager")
+    return compiled

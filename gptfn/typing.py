@@ -26,7 +26,6 @@ __all__ = [
     "Params",
     "Tensor",
     "checked",
-    "is_transformed",
     "runtime_checks_enabled",
     "set_runtime_checks",
 ]
@@ -48,15 +47,6 @@ def set_runtime_checks(enabled: bool) -> bool:
 def runtime_checks_enabled() -> bool:
     """Whether public functions currently check their argument shapes and values."""
     return _CHECKS and not torch.compiler.is_compiling()
-
-
-def is_transformed(tensor: Tensor) -> bool:
-    """True for a tensor wrapped by a torch.func transform (vmap/grad/jvp) or under compile.
-
-    Value checks (``tokens.max()``) are data-dependent: they cannot run inside vmap and would
-    break a compiled graph, so they are skipped for such tensors.
-    """
-    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
 def checked(fn: _F) -> _F:

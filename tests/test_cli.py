@@ -184,7 +184,7 @@ def test_help_has_a_line_per_option_and_the_choices(capsys):
         main(["train", "--help"])
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for choices in ("{adamw,sgd,lion,muon}", "{float32,bfloat16,float16}", "{cpu,cuda,mps}"):
+    for choices in ("module.path:function", "{float32,bfloat16,float16}", "{cpu,cuda,mps}"):
         assert choices in text
     from gptfn.train import TrainConfig
 

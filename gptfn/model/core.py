@@ -18,7 +18,8 @@ from gptfn.model.attention import AttentionImpl, self_attention
 from gptfn.model.config import GPTConfig, config_of
 from gptfn.model.layers import Hook, dropout, embed, linear, mlp, norm, rotary_tables, tap
 from gptfn.remat import remat as checkpoint_block
-from gptfn.typing import Float, Int, Params, Tensor, checked, is_transformed, runtime_checks_enabled
+from gptfn.tracing import is_traced
+from gptfn.typing import Float, Int, Params, Tensor, checked, runtime_checks_enabled
 
 __all__ = ["block", "check_params", "check_tokens", "forward", "init", "loss", "unembed"]
 
@@ -205,7 +206,7 @@ def check_tokens(params: Params, tokens: Tensor, name: str = "tokens", *, allow:
         runtime_checks_enabled()
         and tokens.numel()
         and tokens.device.type != "meta"
-        and not is_transformed(tokens)
+        and not is_traced(tokens)
     ):
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < -allow or hi >= cfg.vocab_size:

@@ -24,6 +24,8 @@ import optree
 import torch
 from torch import Tensor
 
+from gptfn.tracing import inside_transform, is_compiling
+
 __all__ = [
     "GradientTransformation",
     "Schedule",
@@ -76,7 +78,8 @@ def scalar_dtype(device: torch.device | str = "cpu") -> torch.dtype:
 
 
 def _traced(*values: Any) -> bool:
-    if torch._C._functorch.maybe_current_level() is not None:
+    """Inside a transform, under compile, or a hyper-parameter that needs grad."""
+    if is_compiling() or inside_transform():
         return True
     return any(isinstance(v, Tensor) and v.requires_grad for v in values)
 
@@ -161,7 +164,7 @@ class LeafOps:
 def leaf_ops(*hyperparams: Any) -> LeafOps:
     """The fused ops unless a torch.func transform is active, a hyper-parameter needs grad, or
     ``torch.compile`` is tracing (it fuses the leaf-by-leaf ops itself, without graph breaks)."""
-    fused = _FOREACH and not torch.compiler.is_compiling() and not _traced(*hyperparams)
+    fused = _FOREACH and not _traced(*hyperparams)
     return LeafOps(fused=fused)
 
 

@@ -9,6 +9,7 @@ import optree
 from torch import Tensor
 
 from gptfn.optim.base import GradientTransformation
+from gptfn.tracing import is_compiling
 from gptfn.tree import flatten
 
 __all__ = ["chain", "masked", "MaskSpec"]
@@ -60,13 +61,17 @@ def masked(inner: GradientTransformation, mask: MaskSpec) -> GradientTransformat
     """
     selections: dict[Any, list[tuple[int, str]]] = {}
 
+    def choose(tree: Tree) -> list[tuple[int, str]]:
+        chosen = set(_selected(mask, tree))
+        return [(i, p) for i, p in enumerate(flatten(tree)) if p in chosen]
+
     def select(tree: Tree) -> tuple[list[Tensor], Any, list[tuple[int, str]]]:
         leaves, spec = optree.tree_flatten(tree)
+        if is_compiling():  # traced once per graph; dynamo cannot hash a PyTreeSpec
+            return leaves, spec, choose(tree)
         key = (spec, tuple(tuple(x.shape) for x in leaves))
         if key not in selections:
-            paths = list(flatten(tree))
-            chosen = set(_selected(mask, tree))
-            selections[key] = [(i, p) for i, p in enumerate(paths) if p in chosen]
+            selections[key] = choose(tree)
         return leaves, spec, selections[key]
 
     def init(params: Tree) -> Tree:

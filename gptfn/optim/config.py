@@ -3,7 +3,8 @@
 :class:`OptimizerConfig` is a dataclass whose fields carry one line of help and their allowed
 values (:func:`option`); ``gptfn train`` builds its flags and checks its TOML file from them, and
 :func:`check_option` gives the one error message every path shares. :func:`make_optimizer` turns
-the settings into a ``GradientTransformation``; it knows nothing about models or the CLI.
+the settings into a ``GradientTransformation`` (a built-in one, or a user's function named
+``module.path:function``, :mod:`gptfn.optim.user`); it knows nothing about models or the CLI.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from gptfn.optim.base import GradientTransformation, Schedule
 from gptfn.optim.combine import chain, masked
 from gptfn.optim.schedules import warmup_cosine_decay_schedule, warmup_stable_decay_schedule
 from gptfn.optim.transforms import clip_by_global_norm, set_to_zero
+from gptfn.optim.user import is_user_optimizer, load_user_optimizer, user_optimizer
 
 __all__ = [
     "OPTIMIZERS",
@@ -38,6 +40,7 @@ __all__ = [
 
 OPTIMIZERS = ("adamw", "sgd", "lion", "muon")
 SCHEDULES = ("cosine", "wsd")
+USER_OPTIMIZER = "module.path:function (a user optimizer)"
 
 
 # ----------------------------------------------------------------------------- options
@@ -139,6 +142,19 @@ def check_options(obj: Any) -> None:
 # ----------------------------------------------------------------------------- the optimizer
 
 
+def _optimizer_problem(name: str) -> str | None:
+    """Why ``name`` is neither a built-in optimizer nor an importable user optimizer, or None."""
+    if name in OPTIMIZERS:
+        return None
+    if not is_user_optimizer(name):
+        return f"one of {', '.join(OPTIMIZERS)}, or {USER_OPTIMIZER}"
+    try:
+        load_user_optimizer(name)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 @dataclasses.dataclass
 class OptimizerConfig:
     """What optimizer a run uses and how its learning rate moves (warm-up, then cosine decay,
@@ -146,8 +162,10 @@ class OptimizerConfig:
 
     optimizer: str = option(
         "adamw",
-        "adamw, sgd (Nesterov momentum), lion, or muon (AdamW on vectors and embeddings)",
-        choices=OPTIMIZERS,
+        "adamw, sgd (Nesterov momentum), lion, muon (AdamW on vectors and embeddings), or "
+        "module.path:function, your own: called with the lr schedule, returns a "
+        "GradientTransformation",
+        check=_optimizer_problem,
     )
     lr: float = option(2e-3, "peak learning rate (muon: of its AdamW part)", above=0)
     min_lr: float = option(2e-4, "learning rate at the end of the decay", low=0)
@@ -196,6 +214,9 @@ def make_optimizer(
 ) -> GradientTransformation:
     """The optimizer ``cfg`` names, on its warm-up + cosine schedule, after gradient clipping.
 
+    A user optimizer (``cfg.optimizer`` is ``module.path:function``) is called with the
+    schedule and the settings its signature names (see :mod:`gptfn.optim.user`).
+
     Args:
       cfg: the settings.
       total_steps: where the cosine decay ends (the run's ``max_steps``).
@@ -221,8 +242,15 @@ def make_optimizer(
             b1=cfg.beta1,
             b2=cfg.beta2,
         )
+    elif is_user_optimizer(cfg.optimizer):
+        options = dataclasses.asdict(cfg) | {"total_steps": total_steps}
+        del options["optimizer"]
+        try:
+            tx = user_optimizer(cfg.optimizer, schedule, options)
+        except ValueError as err:
+            raise OptionError("optimizer", cfg.optimizer, str(err)) from None
     else:
-        raise OptionError("optimizer", cfg.optimizer, "one of " + ", ".join(OPTIMIZERS))
+        raise OptionError("optimizer", cfg.optimizer, f"one of {', '.join(OPTIMIZERS)}")
     mine = owned if owned is not None else (lambda path, leaf: True)
     tx = chain(masked(tx, mine), masked(set_to_zero(), lambda path, leaf: not mine(path, leaf)))
     return chain(clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip > 0 else tx

@@ -1,0 +1,228 @@
+"""Compiled vs eager training, and compile/warm-start times (issue 15).
+
+Every runner does one full training iteration per call (random batch, the step, the loss read
+back as a float, as the loop does); the runners of one table alternate call by call so they
+share the machine's noise, and the table reports medians after a warm-up call (whose time,
+for a compiled runner, is its first compile). Tables:
+
+1. gptfn's train step (``make_train_step`` with the CLI's default optimizer: clipping, AdamW,
+   warm-up + cosine schedule) eager vs ``torch.compile(fullgraph=True)``: the default model
+   (4 x 128, T=128, batch 32, fp32) and 6 x 384, T=256 in bf16 (and fp32 eager).
+2. nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12, vocab 65, no bias):
+   nanoGPT's ``model.py`` imported from ``--nanogpt DIR`` driven by its ``train.py`` loop
+   body (lr set per group, forward, backward, clip 1.0, AdamW step, zero_grad, ``loss.item()``;
+   its GradScaler is disabled on CPU), eager and with ``--compile=True`` (``torch.compile(model)``),
+   against gptfn's step on the same architecture.
+3. ``gptfn train --compile`` and ``gptfn eval --compile`` started twice in fresh processes on an
+   empty compile cache: the first compile and the cached (second-run) one.
+
+    python experiments/bench_compile.py --nanogpt /tmp/nanoGPT [--steps 10] [--threads 2]
+        [--only default|large|nanogpt|cache|profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import gptfn
+from gptfn.optim import OptimizerConfig, make_optimizer
+
+
+def interleave(runners: dict[str, Callable[[], None]], steps: int) -> dict[str, dict]:
+    """First-call seconds and median ms of each runner, called in turn ``steps`` times."""
+    first = {}
+    for name, run in runners.items():
+        t0 = time.perf_counter()
+        run()
+        first[name] = time.perf_counter() - t0
+        run()  # a second warm-up call
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(steps):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return {n: {"first_s": first[n], "ms": statistics.median(t) * 1e3} for n, t in times.items()}
+
+
+def gptfn_runner(cfg: gptfn.GPTConfig, batch: int, dtype: str, compile: bool) -> Callable:
+    """One iteration of gptfn's training step (the CLI's default optimizer)."""
+    params = gptfn.init(cfg, seed=0)
+    tx = make_optimizer(OptimizerConfig(), total_steps=1000)
+    step = gptfn.make_train_step(tx, dtype=dtype)
+    if compile:
+        step = torch.compile(step, fullgraph=True, dynamic=False)
+    state = [params, tx.init(params)]
+    gen = torch.Generator().manual_seed(0)
+
+    def run() -> None:
+        x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size + 1), generator=gen)
+        params, opt_state, metrics = step(*state, (x[:, :-1].contiguous(), x[:, 1:].contiguous()))
+        state[:] = [params, opt_state]
+        float(metrics["loss"])
+
+    return run
+
+
+def nanogpt_runner(model_py: Path, compile: bool, batch: int = 12) -> Callable:
+    """One iteration of nanoGPT's train.py loop body at its CPU recipe."""
+    sys.path.insert(0, str(model_py.parent))
+    from model import GPT, GPTConfig  # nanoGPT's model.py
+
+    sys.path.pop(0)
+    cfg = GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, bias=False)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    if compile:
+        model = torch.compile(model)
+    gen = torch.Generator().manual_seed(0)
+    it = [0]
+
+    def run() -> None:
+        x = torch.randint(0, 65, (batch, 65), generator=gen)
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * min(1.0, (it[0] + 1) / 100)
+        _, loss = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())  # as get_batch gives
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        it[0] += 1
+
+    return run
+
+
+def print_table(title: str, results: dict[str, dict], ratios: list[tuple[str, str, str, float]]):
+    print(f"\n{title}\n\n| runner | ms / iteration (median) | first call (s) |\n|---|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['ms']:.1f} | {r['first_s']:.1f} |")
+    for label, slow, fast, goal in ratios:
+        ratio = results[slow]["ms"] / results[fast]["ms"]
+        met = "met" if goal is not None and ratio >= goal else "MISSED"
+        verdict = "" if goal is None else f" (goal >= {goal}x: {met})"
+        print(f"\n{label}: {ratio:.2f}x{verdict}")
+
+
+def profile(cfg: gptfn.GPTConfig, batch: int, dtype: str, steps: int) -> None:
+    """Where a step spends its time, eager and compiled: the top operators by self CPU time."""
+    for compile in (False, True):
+        run = gptfn_runner(cfg, batch, dtype, compile)
+        run(), run()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                run()
+        print(f"\n#### {'compiled' if compile else 'eager'} step, {steps} steps profiled\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def compile_times(lines: str) -> dict[str, float]:
+    found = re.findall(r"compiled (the [a-z ]+?) in ([0-9.]+) s", lines)
+    return {what: float(s) for what, s in found}
+
+
+def cached_starts(threads: int) -> None:
+    """``gptfn train --compile`` then ``gptfn eval --compile``, twice each, on an empty cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{tmp}/cache", OMP_NUM_THREADS=str(threads))
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+        train = [sys.executable, "-m", "gptfn", "train", "--compile", "--max-steps", "2"]
+        train += ["--eval-interval", "2", "--eval-steps", "1", "--no-progress", "--overwrite"]
+        evaluate = [sys.executable, "-m", "gptfn", "eval", "--run", "run", "--compile"]
+        print("\n| command | run | process wall (s) | train step compile (s) | eval compile (s) |")
+        print("|---|---|---:|---:|---:|")
+        for label, cmd in (("train", [*train, "--out", "run"]), ("eval", evaluate)):
+            for attempt in ("first (empty cache)", "second (cached)"):
+                t0 = time.perf_counter()
+                out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                if out.returncode:
+                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+                t = compile_times(out.stdout + out.stderr)
+                step, ev = (t.get(k, float("nan")) for k in ("the train step", "the evaluation"))
+                print(f"| {label} --compile | {attempt} | {wall:.1f} | {step:.1f} | {ev:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10, help="timed iterations per runner")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (its model.py)")
+    parts = ["default", "large", "nanogpt", "cache", "profile"]
+    ap.add_argument("--only", choices=parts, action="append", help="(default: all but profile)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    only = set(args.only or parts[:-1])
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} timed iterations")
+    if "default" in only:
+        cfg = gptfn.GPTConfig(65, 128, 4, 4, 128)
+        res = interleave(
+            {
+                "gptfn eager fp32": gptfn_runner(cfg, 32, "float32", False),
+                "gptfn compiled fp32": gptfn_runner(cfg, 32, "float32", True),
+            },
+            args.steps,
+        )
+        print_table(
+            "### default 4 x 128, T=128, batch 32, fp32",
+            res,
+            [("compiled vs eager", "gptfn eager fp32", "gptfn compiled fp32", 1.15)],
+        )
+    if "large" in only:
+        cfg = gptfn.GPTConfig(65, 256, 6, 6, 384)
+        res = interleave(
+            {
+                "gptfn eager fp32": gptfn_runner(cfg, 8, "float32", False),
+                "gptfn eager bf16": gptfn_runner(cfg, 8, "bfloat16", False),
+                "gptfn compiled bf16": gptfn_runner(cfg, 8, "bfloat16", True),
+            },
+            args.steps,
+        )
+        print_table(
+            "### 6 x 384, T=256, batch 8",
+            res,
+            [
+                ("bf16 compiled vs bf16 eager", "gptfn eager bf16", "gptfn compiled bf16", 1.3),
+                ("bf16 compiled vs fp32 eager", "gptfn eager fp32", "gptfn compiled bf16", 2.0),
+            ],
+        )
+    if "nanogpt" in only and args.nanogpt is not None:
+        cfg = gptfn.GPTConfig(65, 64, 4, 4, 128, bias=False)
+        res = interleave(
+            {
+                "nanoGPT eager": nanogpt_runner(args.nanogpt / "model.py", False),
+                "nanoGPT compiled": nanogpt_runner(args.nanogpt / "model.py", True),
+                "gptfn eager": gptfn_runner(cfg, 12, "float32", False),
+                "gptfn compiled": gptfn_runner(cfg, 12, "float32", True),
+            },
+            args.steps,
+        )
+        print_table(
+            "### nanoGPT's CPU recipe: 4 x 128, block 64, batch 12, fp32",
+            res,
+            [
+                ("gptfn compiled vs nanoGPT compiled", "nanoGPT compiled", "gptfn compiled", None),
+                ("gptfn compiled vs nanoGPT eager", "nanoGPT eager", "gptfn compiled", None),
+                ("gptfn compiled vs gptfn eager", "gptfn eager", "gptfn compiled", None),
+            ],
+        )
+    if "cache" in only:
+        cached_starts(args.threads)
+    if "profile" in only:
+        profile(gptfn.GPTConfig(65, 128, 4, 4, 128), 32, "float32", 3)
+
+
+if __name__ == "__main__":
+    main()

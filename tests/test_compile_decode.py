@@ -1,0 +1,103 @@
+"""Compiled decoding: ``generate(..., compile=True)`` and ``gptfn sample --compile`` give the
+same tokens as eager decoding (seeded sampling, greedy, ragged batches, EOS), with one graph
+for prefill and one for every decode step (``fullgraph=True``, no recompilation when the seed,
+the prompts' contents or the temperature change); the sampler
+and the one-query attention path they run, checked without compiling.
+
+All compiled tests share one tiny model (a two-step run, which the CLI test samples too), so
+the whole file compiles two small graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import gptfn
+from gptfn.checkpoint import load_run
+from gptfn.cli import main
+from gptfn.data import prepare, shakespeare
+from gptfn.generation import sample_from_uniform
+from gptfn.model.attention import _one_query_attention, attend
+from gptfn.train import train
+from gptfn.train_config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compile_decode")
+    (root / "plays.txt").write_text(shakespeare()[:5_000])
+    prepare(root / "plays.txt", root / "char", "char")
+    options = dict(data=str(root / "char"), out=str(root / "run"), n_layer=1, n_head=2)
+    options |= dict(n_embd=16, block_size=16, batch_size=2, max_steps=2, eval_steps=1)
+    train(TrainConfig.from_dict(options | dict(progress=False, warmup_steps=1, sample_tokens=0)))
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def params(run):
+    return load_run(run)[0]
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_generate_is_eager_generate_with_one_decode_graph(params):
+    prompts = [[20, 21], [22], [23, 24]]  # ragged: the middle row is left-padded
+    sampling = dict(temperature=0.8, top_k=20, top_p=0.95, seed=1)  # as the CLI test's
+    before = graphs()
+    compiled = gptfn.generate(params, prompts, 6, compile=True, **sampling)
+    assert graphs() - before == 2  # prefill + ONE decode graph for all five decode steps
+    assert compiled == gptfn.generate(params, prompts, 6, **sampling)
+    assert all(len(row) == 6 for row in compiled)
+    # new seed, new prompt contents, EOS: same shapes, so no recompilation (it would raise)
+    eos, reseeded, others = compiled[0][2], sampling | {"seed": 2}, [[30, 31], [32], [33, 34]]
+    greedy = sampling | {"temperature": 0.0}  # the temperature is a tensor: greedy too
+    with torch.compiler.set_stance("fail_on_recompile"):
+        other = gptfn.generate(params, others, 6, compile=True, **reseeded)
+        stopped = gptfn.generate(params, prompts, 6, compile=True, eos_token_id=eos, **sampling)
+        argmax = gptfn.generate(params, prompts, 6, compile=True, **greedy)
+    assert argmax == gptfn.generate(params, prompts, 6, temperature=0)
+    assert other == gptfn.generate(params, others, 6, **reseeded)
+    assert other != compiled
+    assert stopped == gptfn.generate(params, prompts, 6, eos_token_id=eos, **sampling)
+    assert stopped[0] == compiled[0][:3]  # row 0 stopped at its EOS, the others did not
+    assert graphs() == before + 2
+
+
+def test_sample_compile_flag_prints_the_same_samples(run, capsys):
+    sample = ["sample", "--run", str(run), "--prompt", "RO", "--num-samples", "3", "--seed", "1",
+              "--max-new-tokens", "6", "--top-k", "20", "--top-p", "0.95"]  # fmt: skip
+    assert main(sample) == 0
+    eager = capsys.readouterr().out
+    assert main([*sample, "--compile"]) == 0
+    assert capsys.readouterr().out == eager
+
+
+def test_sampling_from_uniforms_follows_the_distribution():
+    logits = torch.tensor([2.0, 0.0, -1.0, 1.0, float("-inf"), 0.5])
+    probs = logits.softmax(-1)
+    n = 10_000
+    grid = (torch.arange(n) + 0.5) / n  # evenly spread uniforms: counts = n * probs (+-1)
+    draws = sample_from_uniform(logits.expand(n, -1), grid)
+    counts = torch.bincount(draws, minlength=6).float()
+    assert (counts - n * probs).abs().max() <= 1
+    edges = torch.tensor([0.0, 1 - 2**-24])  # extreme uniforms never pick a masked token
+    top2 = sample_from_uniform(logits.expand(2, -1), edges, top_k=2)
+    assert top2.tolist() == [0, 3]
+    assert sample_from_uniform(logits[None], torch.tensor([0.9]), temperature=0).item() == 0
+
+
+def test_one_query_attention_equals_the_reference():
+    gen = torch.Generator().manual_seed(0)
+    for heads, kv_heads in ((4, 4), (4, 2)):
+        q = torch.randn(3, 1, heads, 8, generator=gen)
+        k, v = (torch.randn(3, 10, kv_heads, 8, generator=gen) for _ in "kv")
+        mask = torch.rand(3, 1, 1, 10, generator=gen) > 0.3
+        mask[..., 0] = True
+        heads_first = (t.transpose(1, 2) for t in (q, k, v))  # the layout attend hands it
+        fast = _one_query_attention(*heads_first, mask).transpose(1, 2)
+        reference = attend(q, k, v, mask=mask, impl="reference")
+        torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-5)
