@@ -244,7 +244,8 @@ def make_optimizer(
         )
     elif is_user_optimizer(cfg.optimizer):
         options = dataclasses.asdict(cfg) | {"total_steps": total_steps}
-        del options["optimizer"]
+        for name in ("optimizer", "schedule", "decay_fraction"):  # in `schedule`
+            del options[name]
         try:
             tx = user_optimizer(cfg.optimizer, schedule, options)
         except ValueError as err:
