@@ -163,12 +163,8 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
     tokenizer = load_tokenizer(data_dir / "tokenizer.json")
     if params is None:  # from scratch
         vocab_size = load_meta(data_dir)["vocab_size"]
-        params = init(
-            cfg.model.gpt_config(vocab_size),
-            seed=cfg.run.seed,
-            device=env.device,
-            zero_out_proj=cfg.model.zero_init,
-        )
+        model = cfg.model.gpt_config(vocab_size)
+        params = init(model, cfg.run.seed, device=env.device, zero_out_proj=cfg.model.zero_init)
     model_cfg = config_of(params)
     sharded = cfg.run.shard_optimizer and env.world_size > 1
     owners = assign_owners(params, env.world_size) if sharded else None

@@ -210,7 +210,7 @@ def test_architecture_flags_train_a_variant_that_exports(tmp_path, capsys):
 
     assert main([*args, "--out", str(run), "--resume", "--max-steps", "3"]) == 1
     err = capsys.readouterr().err
-    assert "cannot resume" in err and "position rotary there, learned here" in err
+    assert "cannot resume" in err and "norm rmsnorm there, layernorm here" in err
 
     assert main(["export", "--run", str(run), "--hf", str(tmp_path / "hf")]) == 0
     assert "a char tokenizer has no tokenizer.json" in capsys.readouterr().out
