@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import gptfn
+from gptfn.data import prepare, shakespeare
 
 settings.register_profile(
     "gptfn",
@@ -32,3 +33,12 @@ def params(cfg: gptfn.GPTConfig) -> dict:
 
 def random_tokens(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """20,000 characters of the built-in corpus prepared at character level, once per module."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "plays.txt").write_text(shakespeare()[:20_000])
+    prepare(root / "plays.txt", root / "char", "char")
+    return root / "char"

@@ -36,14 +36,6 @@ TINY = [
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    (root / "plays.txt").write_text(shakespeare()[:20_000])
-    prepare(root / "plays.txt", root / "char", "char")
-    return root / "char"
-
-
 def gptfn(*args: str) -> subprocess.CompletedProcess:
     """Run ``gptfn ARGS`` to the end; returns the CompletedProcess (text out and err)."""
     return subprocess.run([*GPTFN, *args], capture_output=True, text=True, timeout=180, env=ENV)

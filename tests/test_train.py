@@ -28,14 +28,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "plays.txt").write_text(shakespeare()[:20_000])
-    prepare(root / "plays.txt", root / "char", "char")
-    return root / "char"
-
-
 def _leaves_equal(a, b) -> bool:
     return all(
         torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True)

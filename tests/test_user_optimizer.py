@@ -14,7 +14,6 @@ import torch
 import gptfn.optim as optim
 from gptfn.checkpoint import load_run, read_meta
 from gptfn.cli import main
-from gptfn.data import prepare, shakespeare
 from gptfn.optim.user import load_user_optimizer
 from gptfn.train import TrainConfig, train
 from gptfn.train_config import load_toml
@@ -78,14 +77,6 @@ def user_module(tmp_path_factory):
     sys.path.insert(0, str(root))
     yield sys.modules.get(MOD) or __import__(MOD)
     sys.path.remove(str(root))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "plays.txt").write_text(shakespeare()[:20_000])
-    prepare(root / "plays.txt", root / "char", "char")
-    return root / "char"
 
 
 def tiny(**options) -> TrainConfig:

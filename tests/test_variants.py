@@ -161,6 +161,18 @@ def test_compiled_forward_of_a_variant_matches_eager():
 
 
 @pytest.mark.parametrize("name", VARIANTS)
+def test_loss_of_every_variant_is_one_graph(name):
+    """Dynamo alone decides graph breaks, so ``backend="eager"`` checks every variant cheaply
+    (tests/test_compile.py runs inductor on a few)."""
+    torch._dynamo.reset()
+    params, toks = variant(name, n_layer=1), random_tokens(13, 2, 7)
+    inputs, targets = toks[:, :-1], toks[:, 1:]
+    compiled = torch.compile(gptfn.loss, fullgraph=True, backend="eager")
+    expected = gptfn.loss(params, inputs, targets)
+    torch.testing.assert_close(compiled(params, inputs, targets), expected)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
 def test_config_round_trips(name):
     cfg = gptfn.GPTConfig(**BASE, **VARIANTS[name])
     assert gptfn.GPTConfig.from_dict(cfg.to_dict()) == cfg
