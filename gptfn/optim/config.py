@@ -212,14 +212,14 @@ def make_optimizer(
     total_steps: int,
     owned: Callable[[str, Tensor], bool] | None = None,
 ) -> GradientTransformation:
-    """The optimizer ``cfg`` names, on its warm-up + cosine schedule, after gradient clipping.
+    """The optimizer ``cfg`` names, on its schedule (:func:`lr_schedule`: cosine or wsd), after gradient clipping.
 
     A user optimizer (``cfg.optimizer`` is ``module.path:function``) is called with the
     schedule and the settings its signature names (see :mod:`gptfn.optim.user`).
 
     Args:
       cfg: the settings.
-      total_steps: where the cosine decay ends (the run's ``max_steps``).
+      total_steps: where the decay ends (the run's ``max_steps``).
       owned: ``(path, leaf) -> bool``, the leaves this process updates (default all; ZeRO-1
         gives each rank its share); the others get zero updates.
 
