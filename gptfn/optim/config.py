@@ -212,7 +212,8 @@ def make_optimizer(
     total_steps: int,
     owned: Callable[[str, Tensor], bool] | None = None,
 ) -> GradientTransformation:
-    """The optimizer ``cfg`` names, on its schedule (:func:`lr_schedule`: cosine or wsd), after gradient clipping.
+    """The optimizer ``cfg`` names, on its schedule (:func:`lr_schedule`: cosine or wsd),
+    after gradient clipping.
 
     A user optimizer (``cfg.optimizer`` is ``module.path:function``) is called with the
     schedule and the settings its signature names (see :mod:`gptfn.optim.user`).
