@@ -372,6 +372,34 @@ def test_muon_scales_by_fan_out_over_fan_in_in_gptfn_layout():
     assert optim.leading_fan_in_axes("w_o", params["blocks"][0]["w_o"]) == (0, 1)
 
 
+def test_muon_momentum_can_warm_up_on_a_schedule():
+    gen = torch.Generator().manual_seed(2)
+    params = {"w": torch.randn(8, 4, generator=gen, dtype=torch.float64)}
+    grads = [{"w": torch.randn(8, 4, generator=gen, dtype=torch.float64)} for _ in range(4)]
+    betas = optim.linear_schedule(0.5, 0.9, 2)  # 0.5, 0.7, 0.9, 0.9
+    tx = optim.scale_by_muon(momentum=betas, nesterov=True)
+    state, m = tx.init(params), torch.zeros_like(params["w"])
+    assert int(state["count"]) == 0 and "count" not in optim.scale_by_muon(0.9).init(params)
+    for t, g in enumerate(grads):
+        beta = (0.5, 0.7, 0.9, 0.9)[t]
+        updates, state = tx.update(g, state, params)
+        m = g["w"] + beta * m
+        expected = _paper_muon_in_gptfn_layout(g["w"] + beta * m, 1)
+        torch.testing.assert_close(updates["w"], expected, atol=1e-12, rtol=1e-12)
+    assert int(state["count"]) == 4
+    cfg = optim.OptimizerConfig(optimizer="muon", muon_momentum=0.9, muon_momentum_warmup=10)
+    rise = optim.muon_momentum(cfg)
+    assert [round(float(rise(torch.tensor(t))), 9) for t in (0, 5, 10, 99)] == [
+        0.85,
+        0.875,
+        0.9,
+        0.9,
+    ]
+    assert optim.muon_momentum(cfg.__class__(optimizer="muon", muon_momentum=0.8)) == 0.8
+    with pytest.raises(optim.OptionError, match=r"muon_momentum: invalid value 1\.0: must be"):
+        optim.OptimizerConfig(muon_momentum=1.0)
+
+
 def test_fan_in_rule_reads_every_attention_shape_in_gptfn_layout():
     for d in range(1, 25):
         for heads in range(1, d + 1):

@@ -101,7 +101,13 @@ def test_the_options_it_names_and_only_those(user_module):
     user_module.calls.clear()
     optim.make_optimizer(cfg, total_steps=7)
     names = {"lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "momentum"}
-    assert set(user_module.calls[0]) == names | {"muon_lr", "grad_clip", "total_steps"}
+    assert set(user_module.calls[0]) == names | {
+        "muon_lr",
+        "muon_momentum",
+        "muon_momentum_warmup",
+        "grad_clip",
+        "total_steps",
+    }
     optim.make_optimizer(cfg.__class__(optimizer=f"{MOD}:first_named_lr", weight_decay=0.3), 7)
     assert user_module.calls[1] == dict(schedule=True, weight_decay=0.3)
     tx = optim.make_optimizer(optim.OptimizerConfig(optimizer=f"{MOD}:Factories.plain"), 7)

@@ -12,6 +12,7 @@ from gptfn.optim.config import (
     check_options,
     lr_schedule,
     make_optimizer,
+    muon_momentum,
     option,
 )
 from gptfn.optim.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
@@ -19,6 +20,7 @@ from gptfn.optim.loss_scaling import loss_scaling
 from gptfn.optim.privacy import differentially_private_aggregate, per_example_global_norms
 from gptfn.optim.schedules import (
     constant_schedule,
+    linear_schedule,
     warmup_cosine_decay_schedule,
     warmup_stable_decay_schedule,
 )
@@ -48,6 +50,7 @@ __all__ = [
     "loss_scaling",
     "lr_schedule",
     "make_optimizer",
+    "muon_momentum",
     "option",
     "InjectHyperparamsState",
     "differentially_private_aggregate",
@@ -66,6 +69,7 @@ __all__ = [
     "hidden_matrices",
     "leaf_ops",
     "leading_fan_in_axes",
+    "linear_schedule",
     "identity",
     "lion",
     "masked",

@@ -144,7 +144,7 @@ def lion(
 
 def muon(
     learning_rate: LR = 0.02,
-    momentum: float = 0.95,
+    momentum: float | Schedule = 0.95,
     nesterov: bool = True,
     ns_steps: int = 5,
     adam_learning_rate: LR = 3e-3,
@@ -167,7 +167,7 @@ def muon(
 
     Args:
       learning_rate: Muon's learning rate (number or schedule).
-      momentum: Muon's momentum decay.
+      momentum: Muon's momentum decay (a number, or a schedule of the step count).
       nesterov: Orthogonalise the Nesterov direction ``g + momentum * m``.
       ns_steps: Newton–Schulz iterations.
       adam_learning_rate: AdamW's learning rate for the other leaves.

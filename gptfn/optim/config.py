@@ -22,7 +22,11 @@ from torch import Tensor
 from gptfn.optim.aliases import adamw, lion, muon, sgd
 from gptfn.optim.base import GradientTransformation, Schedule
 from gptfn.optim.combine import chain, masked
-from gptfn.optim.schedules import warmup_cosine_decay_schedule, warmup_stable_decay_schedule
+from gptfn.optim.schedules import (
+    linear_schedule,
+    warmup_cosine_decay_schedule,
+    warmup_stable_decay_schedule,
+)
 from gptfn.optim.transforms import clip_by_global_norm, set_to_zero
 from gptfn.optim.user import is_user_optimizer, load_user_optimizer, user_optimizer
 
@@ -35,12 +39,14 @@ __all__ = [
     "check_options",
     "lr_schedule",
     "make_optimizer",
+    "muon_momentum",
     "option",
 ]
 
 OPTIMIZERS = ("adamw", "sgd", "lion", "muon")
 SCHEDULES = ("cosine", "wsd")
 USER_OPTIMIZER = "module.path:function (a user optimizer)"
+MUON_MOMENTUM_START = 0.85  # the speedrun's warm-up starts here
 
 
 # ----------------------------------------------------------------------------- options
@@ -184,6 +190,10 @@ class OptimizerConfig:
     beta2: float = option(0.99, "second-moment decay (adamw, lion, muon's AdamW)", low=0, below=1)
     momentum: float = option(0.9, "sgd's Nesterov momentum", low=0, below=1)
     muon_lr: float = option(0.02, "muon's peak learning rate on hidden matrices", above=0)
+    muon_momentum: float = option(0.95, "muon's momentum on hidden matrices", low=0, below=1)
+    muon_momentum_warmup: int = option(
+        0, f"muon: steps over which its momentum rises from {MUON_MOMENTUM_START} (0: none)", low=0
+    )
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)", low=0)
 
     def __post_init__(self) -> None:
@@ -205,6 +215,15 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int, peak: float | None = Non
     return warmup_cosine_decay_schedule(
         0.0, peak, cfg.warmup_steps, max(total_steps, cfg.warmup_steps), floor
     )
+
+
+def muon_momentum(cfg: OptimizerConfig) -> float | Schedule:
+    """Muon's momentum: ``cfg.muon_momentum``, or with ``muon_momentum_warmup`` steps a linear
+    rise to it from 0.85 (or from itself, if lower), as the modded-nanogpt speedrun does."""
+    if cfg.muon_momentum_warmup == 0:
+        return cfg.muon_momentum
+    start = min(MUON_MOMENTUM_START, cfg.muon_momentum)
+    return linear_schedule(start, cfg.muon_momentum, cfg.muon_momentum_warmup)
 
 
 def make_optimizer(
@@ -239,6 +258,7 @@ def make_optimizer(
     elif cfg.optimizer == "muon":
         tx = muon(
             lr_schedule(cfg, total_steps, peak=cfg.muon_lr),
+            momentum=muon_momentum(cfg),
             adam_learning_rate=schedule,
             b1=cfg.beta1,
             b2=cfg.beta2,

@@ -15,7 +15,12 @@ from torch import Tensor
 
 from gptfn.optim.base import Schedule, scalar_dtype
 
-__all__ = ["constant_schedule", "warmup_cosine_decay_schedule", "warmup_stable_decay_schedule"]
+__all__ = [
+    "constant_schedule",
+    "linear_schedule",
+    "warmup_cosine_decay_schedule",
+    "warmup_stable_decay_schedule",
+]
 
 
 def constant_schedule(value: float | Tensor) -> Schedule:
@@ -23,6 +28,36 @@ def constant_schedule(value: float | Tensor) -> Schedule:
 
     def schedule(count: Tensor) -> Tensor:
         return torch.as_tensor(value, dtype=scalar_dtype(count.device), device=count.device)
+
+    return schedule
+
+
+def linear_schedule(init_value: float, end_value: float, transition_steps: int) -> Schedule:
+    """From ``init_value`` at count 0 linearly to ``end_value`` at ``transition_steps``, then
+    flat (optax's ``linear_schedule`` without its ``transition_begin``).
+
+    Args:
+      init_value: The value at count 0.
+      end_value: The value from ``transition_steps`` on.
+      transition_steps: Steps of the linear ramp (0: ``end_value`` from the start).
+
+    Returns:
+      A schedule ``count -> value`` (float64 0-d tensor).
+
+    Examples:
+      >>> import torch
+      >>> from gptfn.optim import linear_schedule
+      >>> momentum = linear_schedule(0.85, 0.95, 300)
+      >>> [round(float(momentum(torch.tensor(t))), 6) for t in (0, 150, 300, 1000)]
+      [0.85, 0.9, 0.95, 0.95]
+    """
+    if transition_steps < 0:
+        raise ValueError(f"transition_steps must be >= 0, got {transition_steps}")
+
+    def schedule(count: Tensor) -> Tensor:
+        step = count.to(scalar_dtype(count.device))
+        progress = (step / transition_steps).clamp(0.0, 1.0) if transition_steps else 1.0
+        return init_value + (end_value - init_value) * progress
 
     return schedule
 

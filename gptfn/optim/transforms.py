@@ -308,7 +308,7 @@ def _orthogonalise(d: Tensor, fan_in: tuple[int, ...], steps: int, eps: float) -
 
 
 def scale_by_muon(
-    momentum: Scalar = 0.95,
+    momentum: Scalar | Schedule = 0.95,
     nesterov: bool = True,
     ns_steps: int = 5,
     eps: float = 1e-7,
@@ -325,7 +325,9 @@ def scale_by_muon(
     to ``eps``.
 
     Args:
-      momentum: Momentum decay.
+      momentum: Momentum decay: a number, or a schedule ``count -> value`` (a warm-up such as
+        :func:`~gptfn.optim.linear_schedule` from 0.85 to 0.95, as the modded-nanogpt
+        speedrun does).
       nesterov: Orthogonalise ``g + momentum * m`` instead of ``m``.
       ns_steps: Newton–Schulz iterations.
       eps: Newton–Schulz's guard against dividing by a zero norm.
@@ -333,19 +335,22 @@ def scale_by_muon(
         :func:`leading_fan_in_axes`, is gptfn's layout. Paths are dotted (``blocks.0.mlp.w_in``).
 
     Returns:
-      A ``GradientTransformation`` whose state is ``{"momentum"}``.
+      A ``GradientTransformation`` whose state is ``{"momentum"}``, and ``"count"`` (the
+      updates so far) when ``momentum`` is a schedule.
     """
+    scheduled = callable(momentum)
 
     def init(params: Tree) -> Tree:
-        return {"momentum": _zeros(params)}
+        return {"momentum": _zeros(params)} | ({"count": _count()} if scheduled else {})
 
     def update(updates: Tree, state: Tree, params: Tree | None = None) -> tuple[Tree, Tree]:
-        ops = leaf_ops(momentum)
+        beta = momentum(state["count"]) if scheduled else momentum
+        ops = leaf_ops(beta)
         paths = list(flatten(updates))
 
         def step(g: list[Tensor], m: list[Tensor]):
-            m = ops.add(g, m, momentum)
-            direction = ops.add(g, m, momentum) if nesterov else m
+            m = ops.add(g, m, beta)
+            direction = ops.add(g, m, beta) if nesterov else m
             out = [
                 _orthogonalise(d, _fan_in_of(fan_in_axes, path, d), ns_steps, eps)
                 for path, d in zip(paths, direction)
@@ -353,6 +358,6 @@ def scale_by_muon(
             return out, m
 
         out, m = _map_leaves(step, updates, state["momentum"])
-        return out, {"momentum": m}
+        return out, {"momentum": m} | ({"count": state["count"] + 1} if scheduled else {})
 
     return GradientTransformation(init, update)

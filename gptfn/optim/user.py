@@ -5,10 +5,11 @@ The function is imported from the Python path (or the current directory) and cal
 run's decay from ``lr`` to ``min_lr``: cosine, or ``--schedule wsd``), a function of the 0-d
 step count that every gptfn transform taking a learning rate accepts; ``options`` are those of
 the optimizer settings (``lr``, ``min_lr``, ``warmup_steps``, ``weight_decay``, ``beta1``,
-``beta2``, ``momentum``, ``muon_lr``, ``grad_clip``) and ``total_steps`` that its signature
-names by keyword (all of them if it takes ``**kwargs``). It returns a
-:class:`GradientTransformation`; gptfn clips the gradients before it (``grad_clip``) as for a
-built-in optimizer. Every problem is a ``ValueError`` saying what is wrong with the spec.
+``beta2``, ``momentum``, ``muon_lr``, ``muon_momentum``, ``muon_momentum_warmup``,
+``grad_clip``) and ``total_steps`` that its signature names by keyword (all of them if it
+takes ``**kwargs``). It returns a :class:`GradientTransformation`; gptfn clips the gradients
+before it (``grad_clip``) as for a built-in optimizer. Every problem is a ``ValueError``
+saying what is wrong with the spec.
 """
 
 from __future__ import annotations
