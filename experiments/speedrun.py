@@ -5,6 +5,7 @@ Two verbs, so runs can go side by side in separate processes and be reported tog
   python experiments/speedrun.py train --run "muon=gpt2,optimizer=muon" --steps 400 --out DIR
   python experiments/speedrun.py report --out DIR [--timing-steps 12]
   python experiments/speedrun.py time --run A=gpt2 --run B=speedrun   # the timing pass alone
+  python experiments/speedrun.py logs runs/gpt2 runs/shakespeare-char   # gptfn train runs
   python experiments/speedrun.py --quick          # a tiny end-to-end check (tests run it)
 
 A run is ``label=recipe[,option=value...]``: ``gptfn train``'s options by name on top of a
@@ -12,6 +13,11 @@ recipe (``gpt2`` or ``speedrun``). ``train`` evaluates the held-out loss every
 ``--eval-every`` steps on a fixed quarter of the validation split (every 4th chunk of 4,096
 tokens, scored as ``gptfn eval`` scores: non-overlapping windows of the context length), and at
 the end on the full split, and writes ``DIR/<label>.json`` with the curve.
+
+``logs`` reads the ``log.jsonl`` of finished ``gptfn train`` runs (run one after the other on a
+quiet machine, their wall times compare directly): steps and seconds to the target and the loss
+at each time budget, on the evaluations the runs logged (``--eval-steps`` random validation
+batches; ``gptfn eval --run DIR`` gives the full split at the end).
 
 ``report`` times one step of every run's recipe side by side in one process, interleaved
 (median of ``--timing-steps`` rounds), so per-step times are comparable on a shared, noisy
@@ -134,30 +140,80 @@ def train_run(
     }
 
 
-def steps_to(curve: list[dict[str, float]], target: float) -> float | None:
-    """The first step the curve reaches ``target`` (linear between evaluations), or None."""
-    before = {"step": 0, "val": math.inf}
+def steps_to(curve: list[dict[str, float]], target: float, at: str = "step") -> float | None:
+    """The first step (or, with ``at="time"``, second) the curve reaches ``target`` (linear
+    between evaluations), or None."""
+    before = {at: 0, "val": math.inf}
     for point in curve:
         if point["val"] <= target:
             if not math.isfinite(before["val"]):
-                return float(point["step"])
+                return float(point[at])
             share = (before["val"] - target) / (before["val"] - point["val"])
-            return before["step"] + share * (point["step"] - before["step"])
+            return before[at] + share * (point[at] - before[at])
         before = point
     return None
 
 
-def loss_at(curve: list[dict[str, float]], step: float) -> float | None:
-    """The curve's loss at ``step`` (linear between evaluations); None past its end."""
+def loss_at(curve: list[dict[str, float]], x: float, at: str = "step") -> float | None:
+    """The curve's loss at step (or ``at="time"``: second) ``x``, linear between evaluations;
+    None past its end."""
     before = None
     for point in curve:
-        if point["step"] >= step:
+        if point[at] >= x:
             if before is None:
                 return point["val"]
-            share = (step - before["step"]) / (point["step"] - before["step"])
+            share = (x - before[at]) / (point[at] - before[at])
             return before["val"] + share * (point["val"] - before["val"])
         before = point
     return None
+
+
+def log_curve(run: Path) -> tuple[list[dict[str, float]], list[float]]:
+    """(evaluations as ``{"step", "time", "val"}``, tokens/s of every record) of a ``gptfn
+    train`` run directory, read from its ``log.jsonl``."""
+    path = run / "log.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{run}: no log.jsonl (not a gptfn train run directory)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    curve = [
+        {"step": r["step"], "time": r["time"], "val": r["val_loss"]}
+        for r in records
+        if "val_loss" in r
+    ]
+    return curve, [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+
+
+def logs_report(runs: list[Path]) -> str:
+    """The markdown table of finished ``gptfn train`` runs, read off their logs."""
+    lines = [
+        f"| run | steps | tokens/s (median) | steps to {TARGET} | s to {TARGET} | "
+        + " | ".join(f"loss at {k}" for k in BUDGETS)
+        + " | last evaluation |",
+        "| --- | ---: | ---: | ---: | ---: | " + "---: | " * len(BUDGETS) + "---: |",
+    ]
+    for run in runs:
+        curve, speeds = log_curve(run)
+        if not curve:
+            raise SystemExit(f"{run}: its log has no evaluation")
+        last = curve[-1]
+        hit, when = steps_to(curve, TARGET), steps_to(curve, TARGET, at="time")
+        budget = [loss_at(curve, seconds, at="time") for seconds in BUDGETS.values()]
+        cells = [
+            run.name,
+            f"{last['step']:,}",
+            f"{statistics.median(speeds):,.0f}",
+            "-" if hit is None else f"{hit:,.0f}",
+            "-" if when is None else f"{when:.0f}",
+            *(f"{last['val']:.3f} (ended)" if v is None else f"{v:.3f}" for v in budget),
+            f"{last['val']:.3f} @ {last['time']:.0f} s",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        "\nseconds: of training, from the log's clock (startup and corpus preparation not "
+        "included); evaluations: the run's --eval-steps random validation batches; 'loss at' "
+        "interpolates between them ('ended': the run was done earlier, at its last loss)."
+    )
+    return "\n".join(lines)
 
 
 def time_steps(runs: list[dict[str, Any]], rounds: int, data: Path) -> dict[str, float]:
@@ -216,7 +272,8 @@ def report(runs: list[dict[str, Any]], step_time: dict[str, float], base: str) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("verb", nargs="?", choices=("train", "report", "time"))
+    p.add_argument("verb", nargs="?", choices=("train", "report", "time", "logs"))
+    p.add_argument("dirs", nargs="*", type=Path, help="logs: gptfn train run directories")
     p.add_argument("--run", action="append", default=[], help="label=recipe[,opt=value...]")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=100)
@@ -227,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=None, help="prepared data (default: built-in)")
     p.add_argument("--quick", action="store_true", help="tiny end-to-end check")
     args = p.parse_args(argv)
+    if args.verb == "logs":
+        print(logs_report(args.dirs))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     data = data_dir(args.data)

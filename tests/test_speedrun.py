@@ -3,6 +3,7 @@ corpus (``--quick``)."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -51,3 +52,21 @@ def test_quick_trains_two_recipes_and_prints_the_table(tmp_path, capsys):
     for row in cells:
         final = float(row[-1].split("@")[0])
         assert math.isfinite(final) and final < math.log(len(set(text.read_text()))) + 0.5
+
+
+def test_logs_reads_steps_seconds_and_budgets_off_a_train_log(tmp_path):
+    run = tmp_path / "runs" / "mine"
+    run.mkdir(parents=True)
+    records = [
+        {"step": 10, "train_loss": 3.0, "tokens_per_s": 900.0, "time": 50.0},
+        {"step": 20, "train_loss": 2.0, "tokens_per_s": 1100.0, "time": 305.0, "val_loss": 2.0},
+        {"step": 30, "train_loss": 1.5, "tokens_per_s": 1000.0, "time": 505.0, "val_loss": 1.5},
+    ]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = speedrun.logs_report([run])
+    cells = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
+    # 1.585 lies 83 % of the way from 2.0 (step 20, 305 s) to 1.5 (step 30, 505 s)
+    assert cells[:5] == ["mine", "30", "1,000", "28", "471"]
+    assert cells[5:] == ["1.750", "1.500 (ended)", "1.500 @ 505 s"]  # 405 s: half-way
+    with pytest.raises(SystemExit, match=r"no log\.jsonl"):
+        speedrun.logs_report([tmp_path])
