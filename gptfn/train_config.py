@@ -294,10 +294,11 @@ assert len(_OWNER) == sum(len(fields(c)) for c in TrainConfig.SECTIONS.values())
 RECIPES: dict[str, dict[str, Any]] = {
     "speedrun": {  # measured option by option: docs/benchmarks.md, "Speedrun (issue 16)"
         "position": "rotary",
-        "mlp": "relu2",
-        "zero_init": True,
+        "qk_norm": True,
+        "untied": True,
         "optimizer": "muon",
         "muon_lr": 0.05,
+        "muon_momentum_warmup": 300,
         "warmup_steps": 50,
         "max_steps": 1000,
     },
