@@ -289,6 +289,7 @@ def _resume(run: Run) -> None:
             f"cannot resume: {last} was trained with --optimizer {there}, this run asks for "
             f"--optimizer {here}; give --optimizer {there} to continue it"
         )
+    _same_optimizer_state(run, last, saved.get("train", {}))
     sharded = run.owners is not None
     params, opt_state, saved = load_checkpoint(last, run.opt_state, run.env.device, sharded)
     run.params, run.opt_state = params, opt_state
@@ -296,6 +297,18 @@ def _resume(run: Run) -> None:
     if run.env.is_main:
         trim_log(run.run_dir, run.start)
         print(f"resuming from {last} at step {run.start}", flush=True)
+
+
+def _same_optimizer_state(run: Run, last: Path, train: dict) -> None:
+    """Muon keeps a step count only with a momentum warm-up: name the option when the saved
+    state and this run's differ in it (files from before the option: no warm-up)."""
+    there = train.get("muon_momentum_warmup", 0)
+    here = run.cfg.optimizer.muon_momentum_warmup
+    if run.cfg.optimizer.optimizer == "muon" and (there > 0) != (here > 0):
+        raise ValueError(
+            f"cannot resume: {last} was trained with --muon-momentum-warmup {there}, this run "
+            f"has {here}; give --muon-momentum-warmup {there} to continue it"
+        )
 
 
 # ----------------------------------------------------------------------------- the step

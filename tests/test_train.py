@@ -156,6 +156,8 @@ def test_resume_compares_model_and_data_before_the_optimizer_state(data_dir, tmp
         train(tiny(**common, n_embd=32, resume=True))
     with pytest.raises(ValueError, match=r"trained with --recipe speedrun, .* add --recipe speed"):
         train(tiny(**common, recipe="gpt2", resume=True))
+    with pytest.raises(ValueError, match=r"with --muon-momentum-warmup 300, this run has 0; giv"):
+        train(tiny(**common, muon_momentum_warmup=0, resume=True))
     other = tmp_path / "other"
     (other / "t.txt").parent.mkdir()
     (other / "t.txt").write_text(shakespeare()[20_000:40_000].upper())
