@@ -50,7 +50,7 @@ from gptfn.distributed import (
 from gptfn.finetune import pretrained_start
 from gptfn.interrupt import StopSignal, TrainingInterrupted
 from gptfn.model import GPTConfig, config_of, init, loss
-from gptfn.optim import loss_scaling, make_optimizer
+from gptfn.optim import loss_scaling, make_optimizer, state_clash
 from gptfn.run_dir import check_run_dir, clean_temps, clear_run, trim_log
 from gptfn.train_config import TrainConfig
 from gptfn.train_log import TrainLog
@@ -251,8 +251,8 @@ def _report_state_bytes(opt_state: Tree, env: DistEnv, sharded: bool) -> None:
 
 def _resume(run: Run) -> None:
     """With ``resume``, continue from ``last.safetensors`` when it exists. The data, the
-    model and the ``--optimizer`` name are compared first (clear errors), then the optimizer
-    state is loaded."""
+    model and the optimizer settings that shape its state are compared first (clear errors),
+    then the optimizer state is loaded."""
     last = run.run_dir / "last.safetensors"
     if not run.cfg.run.resume:
         return
@@ -283,13 +283,12 @@ def _resume(run: Run) -> None:
     ]
     if diff:
         raise ValueError(f"cannot resume: {last} holds another model ({'; '.join(diff)})")
-    there, here = saved.get("train", {}).get("optimizer"), run.cfg.optimizer.optimizer
-    if there is not None and there != here:  # a user optimizer is re-imported by its name
+    if clash := state_clash(saved.get("train", {}), run.cfg.optimizer):
+        flag, there, here = "--" + clash[0].replace("_", "-"), *clash[1:]
         raise ValueError(
-            f"cannot resume: {last} was trained with --optimizer {there}, this run asks for "
-            f"--optimizer {here}; give --optimizer {there} to continue it"
+            f"cannot resume: {last} was trained with {flag} {there}, this run asks for "
+            f"{flag} {here}; give {flag} {there} to continue it"
         )
-    _same_optimizer_state(run, last, saved.get("train", {}))
     sharded = run.owners is not None
     params, opt_state, saved = load_checkpoint(last, run.opt_state, run.env.device, sharded)
     run.params, run.opt_state = params, opt_state
@@ -297,18 +296,6 @@ def _resume(run: Run) -> None:
     if run.env.is_main:
         trim_log(run.run_dir, run.start)
         print(f"resuming from {last} at step {run.start}", flush=True)
-
-
-def _same_optimizer_state(run: Run, last: Path, train: dict) -> None:
-    """Muon keeps a step count only with a momentum warm-up: name the option when the saved
-    state and this run's differ in it (files from before the option: no warm-up)."""
-    there = train.get("muon_momentum_warmup", 0)
-    here = run.cfg.optimizer.muon_momentum_warmup
-    if run.cfg.optimizer.optimizer == "muon" and (there > 0) != (here > 0):
-        raise ValueError(
-            f"cannot resume: {last} was trained with --muon-momentum-warmup {there}, this run "
-            f"has {here}; give --muon-momentum-warmup {there} to continue it"
-        )
 
 
 # ----------------------------------------------------------------------------- the step

@@ -156,7 +156,9 @@ def test_resume_compares_model_and_data_before_the_optimizer_state(data_dir, tmp
         train(tiny(**common, n_embd=32, resume=True))
     with pytest.raises(ValueError, match=r"trained with --recipe speedrun, .* add --recipe speed"):
         train(tiny(**common, recipe="gpt2", resume=True))
-    with pytest.raises(ValueError, match=r"with --muon-momentum-warmup 300, this run has 0; giv"):
+    with pytest.raises(
+        ValueError, match=r"with --muon-momentum-warmup 300, this run asks for --muon-mo"
+    ):
         train(tiny(**common, muon_momentum_warmup=0, resume=True))
     other = tmp_path / "other"
     (other / "t.txt").parent.mkdir()

@@ -14,6 +14,7 @@ from gptfn.optim.config import (
     make_optimizer,
     muon_momentum,
     option,
+    state_clash,
 )
 from gptfn.optim.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
 from gptfn.optim.loss_scaling import loss_scaling
@@ -52,6 +53,7 @@ __all__ = [
     "make_optimizer",
     "muon_momentum",
     "option",
+    "state_clash",
     "InjectHyperparamsState",
     "differentially_private_aggregate",
     "inject_hyperparams",

@@ -41,6 +41,7 @@ __all__ = [
     "make_optimizer",
     "muon_momentum",
     "option",
+    "state_clash",
 ]
 
 OPTIMIZERS = ("adamw", "sgd", "lion", "muon")
@@ -224,6 +225,23 @@ def muon_momentum(cfg: OptimizerConfig) -> float | Schedule:
         return cfg.muon_momentum
     start = min(MUON_MOMENTUM_START, cfg.muon_momentum)
     return linear_schedule(start, cfg.muon_momentum, cfg.muon_momentum_warmup)
+
+
+def state_clash(saved: dict[str, Any], cfg: OptimizerConfig) -> tuple[str, Any, Any] | None:
+    """``(option, saved value, cfg's value)`` of a setting that gives the optimizer state
+    another structure than ``saved`` (a checkpoint's record of the settings) had, or None.
+
+    Those are ``optimizer`` (a user optimizer is known by its name) and, for Muon,
+    ``muon_momentum_warmup`` on or off (its state counts steps only with a warm-up). A setting
+    the record lacks (older files) counts as its default.
+    """
+    there = saved.get("optimizer", cfg.optimizer)
+    if there != cfg.optimizer:
+        return "optimizer", there, cfg.optimizer
+    warm = saved.get("muon_momentum_warmup", 0)
+    if there == "muon" and (warm > 0) != (cfg.muon_momentum_warmup > 0):
+        return "muon_momentum_warmup", warm, cfg.muon_momentum_warmup
+    return None
 
 
 def make_optimizer(
