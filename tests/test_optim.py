@@ -396,6 +396,8 @@ def test_muon_momentum_can_warm_up_on_a_schedule():
         0.9,
     ]
     assert optim.muon_momentum(cfg.__class__(optimizer="muon", muon_momentum=0.8)) == 0.8
+    flat = optim.linear_schedule(0.5, 0.9, 0)(torch.tensor(0))  # no ramp: a tensor all the same
+    assert isinstance(flat, torch.Tensor) and flat.dtype == torch.float64 and float(flat) == 0.9
     with pytest.raises(optim.OptionError, match=r"muon_momentum: invalid value 1\.0: must be"):
         optim.OptimizerConfig(muon_momentum=1.0)
 

@@ -56,7 +56,9 @@ def linear_schedule(init_value: float, end_value: float, transition_steps: int) 
 
     def schedule(count: Tensor) -> Tensor:
         step = count.to(scalar_dtype(count.device))
-        progress = (step / transition_steps).clamp(0.0, 1.0) if transition_steps else 1.0
+        if transition_steps == 0:
+            return torch.full_like(step, end_value)
+        progress = (step / transition_steps).clamp(0.0, 1.0)
         return init_value + (end_value - init_value) * progress
 
     return schedule
