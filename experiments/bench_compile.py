@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import gptfn
-from gptfn.optim import OptimizerConfig, make_optimizer
+from gptfn.train import OptimizerConfig, make_optimizer
 
 
 def interleave(runners: dict[str, Callable[[], None]], steps: int) -> dict[str, dict]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import gptfn
-from gptfn.inspect import run_with_cache
+from gptfn.research.interp import run_with_cache
 
 
 def load_model_at(rev: str):

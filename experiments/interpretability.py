@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import gptfn
 from gptfn.data import load_tokens
-from gptfn.inspect import logit_lens, run_with_cache, run_with_patches
+from gptfn.research.interp import logit_lens, run_with_cache, run_with_patches
 
 
 def heatmap(ax, values: np.ndarray, title: str, cmap: str = "viridis") -> None:

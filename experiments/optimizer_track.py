@@ -17,7 +17,7 @@ reported figures. A grid whose best value is at its edge is flagged. Muon's grid
 
 A user optimizer (``--optimizer module.path:function``, repeatable) goes through exactly the
 path of ``gptfn train --optimizer``: ``make_optimizer`` imports it and calls it with the schedule
-and the options its signature names (see ``gptfn.optim.user``). Step counts do not depend on
+and the options its signature names (see ``gptfn.train.user_optimizer``). Step counts do not depend on
 the machine's load; the seconds do (a shared 2-core CPU is noisy), so steps-to-target is the
 headline.
 """
@@ -38,6 +38,7 @@ import torch
 
 import gptfn
 import gptfn.optim as optim
+import gptfn.train.optimizer_options as train_options
 from gptfn.data import load_meta, load_tokens, prepare, random_batch, shakespeare
 from gptfn.train import make_train_step
 
@@ -93,11 +94,11 @@ def load_data(setup: Setup) -> tuple[np.ndarray, np.ndarray, int]:
         return train, val, load_meta(f"{tmp}/char")["vocab_size"]
 
 
-def optimizer_config(name: str, lr: float, setup: Setup) -> optim.OptimizerConfig:
+def optimizer_config(name: str, lr: float, setup: Setup) -> train_options.OptimizerConfig:
     """The run's optimizer settings with peak learning rate ``lr`` (Muon: ``muon_lr``)."""
     peak = dict(lr=MUON_ADAM_LR, min_lr=MUON_ADAM_LR / 10, muon_lr=lr) if name == "muon" else {}
     peak = peak or dict(lr=lr, min_lr=lr / 10)
-    return optim.OptimizerConfig(optimizer=name, warmup_steps=setup.warmup, **peak)
+    return train_options.OptimizerConfig(optimizer=name, warmup_steps=setup.warmup, **peak)
 
 
 def run_one(name: str, lr: float, seed: int, setup: Setup, data: tuple) -> Result:
@@ -105,7 +106,7 @@ def run_one(name: str, lr: float, seed: int, setup: Setup, data: tuple) -> Resul
     train, val, vocab = data
     model = gptfn.GPTConfig(vocab, setup.block_size, setup.n_layer, setup.n_head, setup.n_embd)
     params = gptfn.init(model, seed=seed)
-    tx = optim.make_optimizer(optimizer_config(name, lr, setup), setup.steps)
+    tx = train_options.make_optimizer(optimizer_config(name, lr, setup), setup.steps)
     step, state = make_train_step(tx), tx.init(params)
     val_batches = [
         random_batch(val, setup.batch_size, setup.block_size, 10_000, i)
@@ -191,8 +192,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for spec in args.optimizer or []:
         try:
-            optim.OptimizerConfig(optimizer=spec)  # the same checks as gptfn train's
-        except optim.OptionError as err:
+            train_options.OptimizerConfig(optimizer=spec)  # the same checks as gptfn train's
+        except train_options.OptionError as err:
             p.error(f"argument --optimizer: invalid value {spec!r}: {err.problem}")
     if args.optimizer is None:
         args.optimizer = [] if args.only else [EXAMPLE_USER]

@@ -2,7 +2,7 @@
 gradient-descent runs with different learning rates, against 2 / lr.
 
 Each run trains a small model on one fixed batch of the built-in corpus with plain GD (sgd, no
-momentum); every few steps ``gptfn.curvature.top_hessian_eigenvalues`` (Lanczos on
+momentum); every few steps ``gptfn.research.curvature.top_hessian_eigenvalues`` (Lanczos on
 Hessian-vector products) measures the sharpness. Writes one PNG and prints a table.
 
     python experiments/sharpness.py [--steps 300] [--lrs 0.1 0.3]
@@ -17,7 +17,7 @@ import torch
 
 import gptfn
 import gptfn.optim as optim
-from gptfn.curvature import top_hessian_eigenvalues
+from gptfn.research.curvature import top_hessian_eigenvalues
 from gptfn.data import CharTokenizer, random_batch, shakespeare
 
 

@@ -43,8 +43,8 @@ import torch
 from gptfn import init, make_train_step
 from gptfn.data import load_meta, load_tokens, prepare, random_batch
 from gptfn.evaluate import token_nll
-from gptfn.optim import make_optimizer
-from gptfn.train_config import TrainConfig
+from gptfn.train import make_optimizer
+from gptfn.train.options import TrainConfig
 from gptfn.tree import param_count
 
 TARGET = 1.585

@@ -1,13 +1,13 @@
 """gptfn: a GPT written the JAX way on PyTorch — pytree parameters, pure-function layers.
 
-``import gptfn`` imports every public subpackage, so ``gptfn.optim``, ``gptfn.tree``,
-``gptfn.data``, ``gptfn.inspect``, ``gptfn.curvature``, ``gptfn.evaluate``, ``gptfn.checkpoint``,
-``gptfn.families``, ``gptfn.generation``, ``gptfn.pretrained``, ... work without an import of
-their own, and re-exports the names most code needs (below, in ``__all__``). ``gptfn.testing``
-is the exception: it imports ``hypothesis``, a dev extra, so it is loaded on first access (a
-module ``__getattr__``), not by ``import gptfn``; without hypothesis installed that access
-raises an ``ImportError`` that says what to install.
-The CLI (``gptfn.cli``, ``gptfn.cli_models``) sits above the library and is not imported here.
+``import gptfn`` imports every public subpackage, so ``gptfn.model``, ``gptfn.optim``,
+``gptfn.tree``, ``gptfn.data``, ``gptfn.research``, ``gptfn.train``, ``gptfn.evaluate``,
+``gptfn.checkpoint``, ``gptfn.families``, ``gptfn.generation``, ``gptfn.pretrained``, ... work
+without an import of their own, and re-exports the names most code needs (below, in
+``__all__``). ``gptfn.testing`` is the exception: it imports ``hypothesis``, a dev extra, so it
+is loaded on first access (a module ``__getattr__``), not by ``import gptfn``; without
+hypothesis installed that access raises an ``ImportError`` that says what to install. The CLI
+(``gptfn.cli``) sits above the library and is not imported here.
 """
 
 from __future__ import annotations
@@ -18,37 +18,39 @@ from types import ModuleType
 from gptfn import (
     checkpoint,
     compiling,
-    curvature,
     data,
     distributed,
     evaluate,
     families,
     files,
     generation,
-    inspect,
     model,
-    module,
     optim,
-    plot,
     pretrained,
-    remat,
+    research,
+    shapes,
     tracing,
     train,
-    transforms,
     tree,
-    typing,
 )
 from gptfn.checkpoint import load_run
-from gptfn.curvature import hutchinson_trace, hvp, top_hessian_eigenvalues
 from gptfn.families import from_hf, from_hf_gpt2, to_hf, to_hf_gpt2
 from gptfn.generation import generate, generate_stream
-from gptfn.inspect import activation_names, logit_lens, run_with_cache, run_with_patches
 from gptfn.model import GPTConfig, forward, init, loss
-from gptfn.module import GPTModule
 from gptfn.pretrained import load_pretrained, save_pretrained
+from gptfn.research import (
+    GPTModule,
+    activation_names,
+    hutchinson_trace,
+    hvp,
+    logit_lens,
+    per_example_grads,
+    run_with_cache,
+    run_with_patches,
+    top_hessian_eigenvalues,
+)
+from gptfn.shapes import runtime_checks_enabled, set_runtime_checks
 from gptfn.train import make_train_step
-from gptfn.transforms import per_example_grads
-from gptfn.typing import runtime_checks_enabled, set_runtime_checks
 
 __all__ = [
     # the model
@@ -81,28 +83,23 @@ __all__ = [
     "runtime_checks_enabled",
     "set_runtime_checks",
     # subpackages (``testing`` is loaded lazily and left out so ``import *`` never needs
-    # hypothesis)
+    # hypothesis; ``cli`` sits above the library and is not imported)
     "checkpoint",
-    "curvature",
+    "compiling",
     "data",
     "distributed",
     "evaluate",
     "families",
     "files",
     "generation",
-    "inspect",
-    "compiling",
     "model",
-    "module",
     "optim",
-    "plot",
     "pretrained",
-    "remat",
+    "research",
+    "shapes",
     "tracing",
     "train",
-    "transforms",
     "tree",
-    "typing",
 ]
 __version__ = "0.1.0"
 

@@ -21,15 +21,6 @@ from gptfn.files import atomic_write
 from gptfn.model import GPTConfig, check_params
 from gptfn.tree import flatten, unflatten
 
-__all__ = [
-    "save_checkpoint",
-    "load_checkpoint",
-    "load_run",
-    "checkpoint_path",
-    "flat_state",
-    "read_meta",
-]
-
 Tree = Any
 
 

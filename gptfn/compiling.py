@@ -17,8 +17,6 @@ from typing import Any
 
 import torch
 
-__all__ = ["compile_cache_dir", "jit"]
-
 _F = Callable[..., Any]
 
 

@@ -19,17 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = [
-    "DistEnv",
-    "setup",
-    "teardown",
-    "all_reduce_mean",
-    "mean_scalar",
-    "assign_owners",
-    "broadcast_from_owners",
-    "gather_to_main",
-]
-
 Tree = Any
 BUCKET_BYTES = 32 * 2**20
 

@@ -15,12 +15,8 @@ from gptfn.compiling import jit
 from gptfn.data import load_meta, load_tokens
 from gptfn.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_mismatch
 from gptfn.generation import generate
-from gptfn.model import config_of, forward
-from gptfn.typing import Params
-
-__all__ = [
-    "windows", "token_nll", "perplexity_report", "bleu_continuations", "evaluate", "evaluate_run",
-]  # fmt: skip
+from gptfn.model import GPTConfig, forward
+from gptfn.shapes import Params
 
 
 def windows(
@@ -64,7 +60,7 @@ def token_nll(
     With ``compile`` the forward and the loss run as one compiled graph, every batch padded to
     ``[batch_size, block_size]`` (padding is not scored) so that one graph serves them all."""
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-    block_size = config_of(params).block_size
+    block_size = GPTConfig.from_params(params).block_size
     spans = windows(len(ids), block_size, stride)
     nll_sum = jit(_nll_sum, "the evaluation") if compile else _nll_sum
     total, count = 0.0, 0
@@ -125,7 +121,7 @@ def bleu_continuations(
         candidates[int(j)]
         for j in np.linspace(0, len(candidates) - 1, min(samples, len(candidates)))
     ]
-    block_size = config_of(params).block_size
+    block_size = GPTConfig.from_params(params).block_size
     contexts, refs, budgets = [], [], []
     for i in picked:
         line = lines[i].rstrip("\n")

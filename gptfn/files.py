@@ -18,8 +18,6 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "remove_stale_temps"]
-
 _RANDOM = "[a-z0-9_]{8}"  # tempfile's names: 8 of these characters
 
 

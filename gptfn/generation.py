@@ -2,9 +2,9 @@
 
 The cache is a pytree: per layer preallocated ``k``/``v`` buffers [batch, max_len, n_kv_head,
 d_head] (grouped-query models store only their key/value heads), plus ``pad`` (left padding per
-row) and ``length`` (slots filled, shared by all rows), both tensors. ``prefill`` and
-``decode_step`` are one function, ``extend(params, tokens, cache) -> (logits, cache)``, which
-runs the same blocks as ``forward``; inside each block the attention step writes the new keys and
+row) and ``length`` (slots filled, shared by all rows), both tensors. Prefill and
+decode are one function, ``extend(params, tokens, cache) -> (logits, cache)``, which runs the
+same blocks as ``forward``; inside each block the attention step writes the new keys and
 values at slots given as a tensor (``gptfn.model.update_cache``) and attends through a mask
 built from tensors. Under ``torch.compile`` the mask covers the whole buffer, so every decode
 step has the same shapes (one graph); eager code attends over the slots filled so far, which is
@@ -31,22 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gptfn.model import check_tokens, config_of, run_blocks
+from gptfn.model import GPTConfig, check_tokens, context, run_blocks
+from gptfn.shapes import Params
 from gptfn.tree import map_with_path
-from gptfn.typing import Params
-
-__all__ = [
-    "decode_layout",
-    "init_cache",
-    "extend",
-    "prefill",
-    "decode_step",
-    "generate",
-    "generate_stream",
-    "sample_logits",
-    "sample_from_uniform",
-    "compiled_steps",
-]
 
 Cache = dict[str, Any]
 
@@ -74,7 +61,7 @@ def decode_layout(params: Params) -> Params:
 
 def init_cache(params: Params, batch: int, max_len: int, pad: Tensor | None = None) -> Cache:
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens (<= block_size)."""
-    cfg = config_of(params)
+    cfg = GPTConfig.from_params(params)
     if max_len > cfg.block_size:
         raise ValueError(f"cache length {max_len} exceeds the model's block_size {cfg.block_size}")
     like = params["wte"]
@@ -104,12 +91,9 @@ def extend(params: Params, tokens: Tensor, cache: Cache) -> tuple[Tensor, Cache]
     key = torch.arange(width, device=tokens.device)[None, None, :]
     query = slots[None, :, None]
     mask = (((key >= pad[:, None, None]) & (key <= query)) | (key == query))[:, None]
-    logits = run_blocks(params, tokens, positions, mask=mask, caches=cache["layers"], slots=slots)
+    ctx = context(params, positions, mask=mask, caches=cache["layers"], slots=slots)
+    logits = run_blocks(params, tokens, positions, ctx)
     return logits, {"layers": cache["layers"], "pad": pad, "length": start + n}
-
-
-prefill = extend
-decode_step = extend
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -311,7 +295,7 @@ def generate_stream(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     _check_sampling(temperature, top_k, top_p)
-    block_size = config_of(params).block_size
+    block_size = GPTConfig.from_params(params).block_size
     device = params["wte"].device
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > block_size and not sliding_window:

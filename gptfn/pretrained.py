@@ -22,11 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from gptfn.data.tokenizers import HFTokenizer, Tokenizer, tokenizer_json
 from gptfn.families import family, from_hf, hf_config, to_hf
-from gptfn.model import config_of
+from gptfn.model import GPTConfig
+from gptfn.shapes import Params
 from gptfn.tree import cast
-from gptfn.typing import Params
-
-__all__ = ["load_pretrained", "load_pretrained_tokenizer", "resolve_pretrained", "save_pretrained"]
 
 _FILES = [
     "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -140,7 +138,7 @@ def load_pretrained_tokenizer(path_or_id: str | Path, **resolve_kwargs: Any) -> 
 def _file_tensors(params: Params, model_type: str | None) -> dict[str, torch.Tensor]:
     """The state dict as written to disk: tied unembedding left out (transformers re-ties it),
     contiguous CPU tensors, no two sharing storage (safetensors refuses that)."""
-    cfg = config_of(params)
+    cfg = GPTConfig.from_params(params)
     fam = family(hf_config(params, model_type)["model_type"])
     renames = getattr(fam, "FILE_NAMES", {})
     out, seen = {}, set()

@@ -34,18 +34,6 @@ from gptfn.model import GPTConfig, init
 from gptfn.model.config import MLPS, NORMS, POSITIONS
 from gptfn.tree import flatten, unstack
 
-__all__ = [
-    "configs",
-    "models",
-    "tokens",
-    "assert_causal",
-    "assert_batch_independent",
-    "assert_no_mutation",
-    "assert_grads_match",
-    "assert_vmap_matches_loop",
-    "assert_compile_matches_eager",
-]
-
 Tree = Any
 
 

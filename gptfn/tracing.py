@@ -19,8 +19,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["inside_transform", "is_compiling", "is_traced", "needs_math_sdpa", "transform_depth"]
-
 try:
     from torch._C._functorch import TransformType, get_dynamic_layer_stack_depth
     from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped

@@ -14,19 +14,6 @@ import optree
 import torch
 from torch import Tensor
 
-__all__ = [
-    "cast",
-    "flatten",
-    "global_norm",
-    "leaves",
-    "map_with_path",
-    "param_count",
-    "stack",
-    "unflatten",
-    "unstack",
-    "zeros_like",
-]
-
 Tree = Any
 
 

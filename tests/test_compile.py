@@ -22,7 +22,7 @@ import gptfn
 import gptfn.optim as optim
 from gptfn.optim import inject_hyperparams, set_hyperparams
 from gptfn.testing import assert_compile_matches_eager
-from gptfn.train_config import COMPILE_FLOOR, torch_version
+from gptfn.train.options import COMPILE_FLOOR, torch_version
 
 pytestmark = pytest.mark.skipif(
     torch_version() < COMPILE_FLOOR, reason="compiling the step needs PyTorch 2.12 or newer"

@@ -21,7 +21,7 @@ from gptfn.data import prepare, shakespeare
 from gptfn.generation import sample_from_uniform
 from gptfn.model.attention import _one_query_attention, attend
 from gptfn.train import train
-from gptfn.train_config import TrainConfig
+from gptfn.train.options import TrainConfig
 
 
 @pytest.fixture(scope="module")

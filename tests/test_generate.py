@@ -10,11 +10,10 @@ from hypothesis import strategies as st
 
 import gptfn
 from gptfn.generation import (
-    decode_step,
+    extend,
     generate,
     generate_stream,
     init_cache,
-    prefill,
     sample_logits,
 )
 
@@ -32,10 +31,10 @@ def test_cached_decoding_equals_full_forward(model, batch, total, data):
     seq = random_tokens(53, batch, total, data.draw(st.integers(0, 999)))
     full = gptfn.forward(model, seq)
     cache = init_cache(model, batch, total)
-    logits, cache = prefill(model, seq[:, :split], cache)
+    logits, cache = extend(model, seq[:, :split], cache)
     pieces = [logits]
     for i in range(split, total):
-        logits, cache = decode_step(model, seq[:, i : i + 1], cache)
+        logits, cache = extend(model, seq[:, i : i + 1], cache)
         pieces.append(logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -50,10 +49,10 @@ def test_ragged_batch_equals_each_prompt_alone(model, prompts):
 def test_left_padding_never_changes_logits(model):
     short = [3, 1, 4]
     cache = init_cache(model, 1, 3)
-    alone, _ = prefill(model, torch.tensor([short]), cache)
+    alone, _ = extend(model, torch.tensor([short]), cache)
     padded = torch.tensor([[0] * 5 + short, list(range(8))])
     cache = init_cache(model, 2, 8, pad=torch.tensor([5, 0]))
-    logits, _ = prefill(model, padded, cache)
+    logits, _ = extend(model, padded, cache)
     torch.testing.assert_close(logits[0, 5:], alone[0], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(logits).all()
 
@@ -170,12 +169,12 @@ def test_cache_is_static_shaped_and_holds_kv_heads_only():
     cache = init_cache(params, 2, 10)
     assert cache["layers"][0]["k"].shape == (2, 10, 1, 4)  # a quarter of a 4-head cache
     buffers = [layer[n].data_ptr() for layer in cache["layers"] for n in "kv"]
-    _, cache = prefill(params, torch.tensor([[1, 2, 3], [4, 5, 6]]), cache)
-    _, cache = decode_step(params, torch.tensor([[7], [8]]), cache)
+    _, cache = extend(params, torch.tensor([[1, 2, 3], [4, 5, 6]]), cache)
+    _, cache = extend(params, torch.tensor([[7], [8]]), cache)
     assert isinstance(cache["length"], torch.Tensor) and int(cache["length"]) == 4
     assert [layer[n].data_ptr() for layer in cache["layers"] for n in "kv"] == buffers
     with pytest.raises(ValueError, match="4 used, 7 more do not fit"):
-        decode_step(params, torch.zeros(2, 7, dtype=torch.long), cache)
+        extend(params, torch.zeros(2, 7, dtype=torch.long), cache)
 
 
 def test_whole_buffer_attention_of_a_compiled_step_equals_eager(model, monkeypatch):
@@ -185,10 +184,10 @@ def test_whole_buffer_attention_of_a_compiled_step_equals_eager(model, monkeypat
 
     def run():
         cache = init_cache(model, 2, 12, pad=torch.tensor([0, 2]))
-        logits, cache = prefill(model, seq[:, :5], cache)
+        logits, cache = extend(model, seq[:, :5], cache)
         pieces = [logits]
         for i in range(5, 9):
-            logits, cache = decode_step(model, seq[:, i : i + 1], cache)
+            logits, cache = extend(model, seq[:, i : i + 1], cache)
             pieces.append(logits)
         return pieces
 

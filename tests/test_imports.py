@@ -61,6 +61,6 @@ def test_all_lists_the_research_entry_points_once():
     assert len(gptfn.__all__) == len(set(gptfn.__all__))
     for name in ["run_with_cache", "run_with_patches", "logit_lens", "hvp", "per_example_grads"]:
         assert name in gptfn.__all__
-    assert gptfn.run_with_cache is gptfn.inspect.run_with_cache
-    assert gptfn.hvp is gptfn.curvature.hvp
+    assert gptfn.run_with_cache is gptfn.research.interp.run_with_cache
+    assert gptfn.hvp is gptfn.research.curvature.hvp
     assert all(hasattr(gptfn.optim, n) for n in gptfn.optim.__all__)

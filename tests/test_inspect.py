@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gptfn
-from gptfn.curvature import hutchinson_trace, hvp, top_hessian_eigenvalues
-from gptfn.inspect import activation_names, logit_lens, run_with_cache, run_with_patches
+from gptfn.research.curvature import hutchinson_trace, hvp, top_hessian_eigenvalues
+from gptfn.research.interp import activation_names, logit_lens, run_with_cache, run_with_patches
 from gptfn.testing import configs, models, tokens
 
 CFG = gptfn.GPTConfig(vocab_size=23, block_size=10, n_layer=2, n_head=3, n_embd=12)

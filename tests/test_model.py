@@ -181,7 +181,7 @@ def test_bad_targets_raise(params):
 
 
 def test_bad_config_raises():
-    with pytest.raises(ValueError, match="divisible by n_head"):
+    with pytest.raises(ValueError, match="must be a multiple of n_head"):
         gptfn.GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=3, n_embd=16)
     with pytest.raises(ValueError, match="n_layer"):
         gptfn.GPTConfig(vocab_size=10, block_size=8, n_layer=0, n_head=1, n_embd=16)

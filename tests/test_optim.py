@@ -12,6 +12,7 @@ import torch
 
 import gptfn
 import gptfn.optim as optim
+import gptfn.train.optimizer_options as train_options
 
 
 def _random_tree(seed: int = 0) -> dict:
@@ -192,15 +193,15 @@ def test_warmup_stable_decay_schedule():
 
 
 def test_lr_schedule_wsd_holds_the_peak_then_decays_the_last_fraction():
-    cfg = optim.OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=10, schedule="wsd",
+    cfg = train_options.OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=10, schedule="wsd",
                                 decay_fraction=0.25)  # fmt: skip
-    sched = optim.lr_schedule(cfg, total_steps=100)
+    sched = train_options.lr_schedule(cfg, total_steps=100)
     got = [float(sched(torch.tensor(s))) for s in (5, 10, 75, 90, 100)]
     assert got == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2 - 0.6 * 9e-3, 1e-3], abs=1e-12)
-    muon_part = optim.lr_schedule(cfg, 100, peak=0.05)  # the same shape at another peak
+    muon_part = train_options.lr_schedule(cfg, 100, peak=0.05)  # the same shape at another peak
     assert float(muon_part(torch.tensor(100))) == pytest.approx(5e-3)
-    with pytest.raises(optim.OptionError, match="schedule: invalid value 'linear': one of cosine"):
-        optim.OptimizerConfig(schedule="linear")
+    with pytest.raises(train_options.OptionError, match="schedule: invalid value 'linear': one of cosine"):
+        train_options.OptimizerConfig(schedule="linear")
 
 
 # ----------------------------------------------------------------------------- float64 parity
@@ -387,19 +388,19 @@ def test_muon_momentum_can_warm_up_on_a_schedule():
         expected = _paper_muon_in_gptfn_layout(g["w"] + beta * m, 1)
         torch.testing.assert_close(updates["w"], expected, atol=1e-12, rtol=1e-12)
     assert int(state["count"]) == 4
-    cfg = optim.OptimizerConfig(optimizer="muon", muon_momentum=0.9, muon_momentum_warmup=10)
-    rise = optim.muon_momentum(cfg)
+    cfg = train_options.OptimizerConfig(optimizer="muon", muon_momentum=0.9, muon_momentum_warmup=10)
+    rise = train_options.muon_momentum(cfg)
     assert [round(float(rise(torch.tensor(t))), 9) for t in (0, 5, 10, 99)] == [
         0.85,
         0.875,
         0.9,
         0.9,
     ]
-    assert optim.muon_momentum(cfg.__class__(optimizer="muon", muon_momentum=0.8)) == 0.8
+    assert train_options.muon_momentum(cfg.__class__(optimizer="muon", muon_momentum=0.8)) == 0.8
     flat = optim.linear_schedule(0.5, 0.9, 0)(torch.tensor(0))  # no ramp: a tensor all the same
     assert isinstance(flat, torch.Tensor) and flat.dtype == torch.float64 and float(flat) == 0.9
-    with pytest.raises(optim.OptionError, match=r"muon_momentum: invalid value 1\.0: must be"):
-        optim.OptimizerConfig(muon_momentum=1.0)
+    with pytest.raises(train_options.OptionError, match=r"muon_momentum: invalid value 1\.0: must be"):
+        train_options.OptimizerConfig(muon_momentum=1.0)
 
 
 def test_fan_in_rule_reads_every_attention_shape_in_gptfn_layout():

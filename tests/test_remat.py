@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptfn.remat import remat
+from gptfn.model.remat import remat
 
 DEVICES = [
     "cpu",

@@ -10,6 +10,7 @@ from conftest import random_tokens
 
 import gptfn
 import gptfn.optim as optim
+import gptfn.train.optimizer_options as train_options
 from gptfn.checkpoint import load_checkpoint, load_run, save_checkpoint
 from gptfn.data import prepare, shakespeare
 from gptfn.train import TrainConfig, loss_scaling, make_train_step, train
@@ -187,7 +188,7 @@ def test_a_second_signal_stops_at_once():
     import signal
     import time
 
-    from gptfn.interrupt import StopSignal, TrainingInterrupted
+    from gptfn.train.interrupt import StopSignal, TrainingInterrupted
 
     with StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
@@ -201,8 +202,8 @@ def test_a_second_signal_stops_at_once():
 
 
 def _hidden_and_embedding_updates(**options) -> tuple[torch.Tensor, torch.Tensor]:
-    cfg = optim.OptimizerConfig(warmup_steps=0, grad_clip=0.0, **options)
-    tx = optim.make_optimizer(cfg, total_steps=10)
+    cfg = train_options.OptimizerConfig(warmup_steps=0, grad_clip=0.0, **options)
+    tx = train_options.make_optimizer(cfg, total_steps=10)
     params = {"wte": torch.ones(5, 4), "blocks": {"w": torch.ones(4, 3)}}
     grads = {"wte": torch.full((5, 4), 0.5), "blocks": {"w": torch.arange(12.0).reshape(4, 3)}}
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -218,7 +219,7 @@ def test_muon_has_its_own_learning_rate_and_sgd_its_own_momentum():
     torch.testing.assert_close(e3, 2 * e1)
 
     def sgd_twice(**options):
-        tx = optim.make_optimizer(optim.OptimizerConfig("sgd", warmup_steps=0, **options), 10)
+        tx = train_options.make_optimizer(train_options.OptimizerConfig("sgd", warmup_steps=0, **options), 10)
         params, state = {"w": torch.zeros(3)}, None
         state = tx.init(params)
         for g in (torch.ones(3), torch.ones(3)):

@@ -11,9 +11,9 @@ import torch
 
 from gptfn.cli import build_parser, main
 from gptfn.model import GPTConfig
-from gptfn.optim import OptimizerConfig, OptionError
+from gptfn.train import OptimizerConfig, OptionError
 from gptfn.train import TrainConfig
-from gptfn.train_config import load_toml
+from gptfn.train.options import load_toml
 
 BAD_VALUES = [
     ("train --lr 0", "argument --lr: invalid value '0': must be > 0"),
@@ -194,14 +194,14 @@ def test_sections_hold_every_option_once_with_help():
 
 
 def test_compile_is_refused_where_torch_cannot_compile_the_step(monkeypatch):
-    monkeypatch.setattr("gptfn.train_config.torch_version", lambda: (2, 11))
+    monkeypatch.setattr("gptfn.train.options.torch_version", lambda: (2, 11))
     with pytest.raises(OptionError, match=r"compile: invalid value True: .* needs PyTorch 2\.12"):
         TrainConfig.from_dict({"compile": True})
     assert TrainConfig.from_dict({"compile": False}).run.compile is False
 
 
 def test_recipes_set_defaults_and_options_given_by_name_win(tmp_path, monkeypatch):
-    from gptfn.train_config import RECIPES
+    from gptfn.train.options import RECIPES
 
     speedrun, gpt2 = TrainConfig(), TrainConfig().replace(recipe="gpt2")
     assert speedrun.run.recipe == "speedrun" and gpt2.run.recipe == "gpt2"

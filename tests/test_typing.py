@@ -29,7 +29,7 @@ def _resolve(path: str) -> object:
 
 
 def test_typing_docstring_names_the_checked_functions():
-    first_paragraph = inspect.getdoc(gptfn.typing).split("\n\n")[1]
+    first_paragraph = inspect.getdoc(gptfn.shapes).split("\n\n")[1]
     documented = set(re.findall(r"``(gptfn(?:\.\w+)+)``", first_paragraph))
     assert {id(_resolve(p)) for p in documented} == {id(_resolve(p)) for p in _checked_functions()}
     assert len(documented) == len(_checked_functions())

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import gptfn.optim as optim
+import gptfn.train.optimizer_options as train_options
 from gptfn.checkpoint import load_run, read_meta
 from gptfn.cli import main
-from gptfn.optim.user import load_user_optimizer
+from gptfn.train.user_optimizer import load_user_optimizer
 from gptfn.train import TrainConfig, train
-from gptfn.train_config import load_toml
+from gptfn.train.options import load_toml
 
 MOD = "gptfn_test_user_opts"
 USER_MODULE = """
@@ -90,16 +91,16 @@ def test_a_user_optimizer_trains_as_the_same_builtin_does(user_module, data_dir,
     train(tiny(out=str(tmp_path / "builtin"), optimizer="sgd", **common))
     ours, theirs = load_run(tmp_path / "user")[0], load_run(tmp_path / "builtin")[0]
     assert all(torch.equal(a, b) for a, b in zip(*map(optree.tree_leaves, (ours, theirs))))
-    expected_lr = float(optim.lr_schedule(tiny(**common).optimizer, 3)(torch.tensor(5)))
+    expected_lr = float(train_options.lr_schedule(tiny(**common).optimizer, 3)(torch.tensor(5)))
     assert user_module.calls[-1] == dict(lr=expected_lr, momentum=0.8, total_steps=3, beta1=0.9)
     meta = read_meta(tmp_path / "user" / "last.safetensors")
     assert meta["train"]["optimizer"] == f"{MOD}:nesterov"
 
 
 def test_the_options_it_names_and_only_those(user_module):
-    cfg = optim.OptimizerConfig(optimizer=f"{MOD}:everything")
+    cfg = train_options.OptimizerConfig(optimizer=f"{MOD}:everything")
     user_module.calls.clear()
-    optim.make_optimizer(cfg, total_steps=7)
+    train_options.make_optimizer(cfg, total_steps=7)
     names = {"lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "momentum"}
     assert set(user_module.calls[0]) == names | {
         "muon_lr",
@@ -108,9 +109,9 @@ def test_the_options_it_names_and_only_those(user_module):
         "grad_clip",
         "total_steps",
     }
-    optim.make_optimizer(cfg.__class__(optimizer=f"{MOD}:first_named_lr", weight_decay=0.3), 7)
+    train_options.make_optimizer(cfg.__class__(optimizer=f"{MOD}:first_named_lr", weight_decay=0.3), 7)
     assert user_module.calls[1] == dict(schedule=True, weight_decay=0.3)
-    tx = optim.make_optimizer(optim.OptimizerConfig(optimizer=f"{MOD}:Factories.plain"), 7)
+    tx = train_options.make_optimizer(train_options.OptimizerConfig(optimizer=f"{MOD}:Factories.plain"), 7)
     assert isinstance(tx, optim.GradientTransformation)
 
 
@@ -152,8 +153,8 @@ def test_bad_specs_are_refused_where_parsed(spec, message, user_module, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument --optimizer: invalid value '{spec}': " in err and message in err, err
-    with pytest.raises(optim.OptionError, match="optimizer: invalid value"):
-        optim.OptimizerConfig(optimizer=spec)  # Python: the same check
+    with pytest.raises(train_options.OptionError, match="optimizer: invalid value"):
+        train_options.OptimizerConfig(optimizer=spec)  # Python: the same check
 
 
 @pytest.mark.parametrize(

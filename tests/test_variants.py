@@ -12,7 +12,7 @@ import torch
 from conftest import random_tokens
 
 import gptfn
-from gptfn.generation import decode_step, init_cache, prefill
+from gptfn.generation import extend, init_cache
 from gptfn.testing import (
     assert_batch_independent,
     assert_causal,
@@ -116,10 +116,10 @@ def test_cache_equals_recompute_for_every_variant(name):
     params = variant(name)
     seq = random_tokens(13, 2, 7, 6)
     cache = init_cache(params, 2, 7)
-    logits, cache = prefill(params, seq[:, :3], cache)
+    logits, cache = extend(params, seq[:, :3], cache)
     pieces = [logits]
     for i in range(3, 7):
-        logits, cache = decode_step(params, seq[:, i : i + 1], cache)
+        logits, cache = extend(params, seq[:, i : i + 1], cache)
         pieces.append(logits)
     full = gptfn.forward(params, seq)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
@@ -198,20 +198,22 @@ def test_default_config_is_gpt2():
 @pytest.mark.parametrize(
     "options, words",
     [
-        ({"position": "alibi"}, "position must be one of learned, rotary, none; got 'alibi'"),
-        ({"norm": "batchnorm"}, "norm must be one of layernorm, rmsnorm"),
-        ({"mlp": "silu"}, "mlp must be one of gelu_tanh, gelu, relu2, swiglu, geglu"),
-        ({"n_kv_head": 3}, r"n_head \(4\) must be a multiple of n_kv_head \(3\)"),
-        ({"n_kv_head": 0}, "n_kv_head must be a positive int, got 0"),
-        ({"d_mlp": -1}, "d_mlp must be a positive int"),
+        ({"position": "alibi"}, "GPTConfig.position: invalid value 'alibi': one of learned, rotary, none"),
+        ({"norm": "batchnorm"}, "GPTConfig.norm: invalid value 'batchnorm': one of layernorm, rmsnorm"),
+        ({"mlp": "silu"}, "one of gelu_tanh, gelu, relu2, swiglu, geglu"),
+        ({"n_kv_head": 3}, r"GPTConfig.n_kv_head: invalid value 3: must divide n_head \(4\)"),
+        ({"n_kv_head": 0}, "GPTConfig.n_kv_head: invalid value 0: must be >= 1"),
+        ({"d_mlp": -1}, "GPTConfig.d_mlp: invalid value -1: must be >= 1"),
+        ({"n_layer": 2.0}, "GPTConfig.n_layer: invalid value 2.0: expected an integer, got float"),
         ({"position": "rotary", "d_head": 3}, "must be even and >= 2"),
-        ({"position": "rotary", "rotary_fraction": 0.0}, r"rotary_fraction must be in \(0, 1\]"),
-        ({"rope_theta": 0}, "rope_theta must be a positive number"),
-        ({"norm_eps": -1e-5}, "norm_eps must be a positive number"),
-        ({"logit_softcap": 0.0}, "logit_softcap must be a positive number"),
-        ({"qk_norm": "yes"}, "qk_norm must be True or False"),
-        ({"rope_scaling": (8.0, 1.0, 4.0, 8192)}, "rope_scaling .* for position='rotary'"),
-        ({"n_embd": 18}, r"n_embd \(18\) must be divisible by n_head \(4\)"),
+        ({"position": "rotary", "rotary_fraction": 0.0}, r"rotary_fraction: .* must be > 0 and <= 1"),
+        ({"rope_theta": 0}, "GPTConfig.rope_theta: invalid value 0.0: must be > 0"),
+        ({"norm_eps": -1e-5}, "GPTConfig.norm_eps: invalid value -1e-05: must be > 0"),
+        ({"logit_softcap": 0.0}, "GPTConfig.logit_softcap: invalid value 0.0: must be > 0"),
+        ({"qk_norm": "yes"}, "GPTConfig.qk_norm: invalid value 'yes': expected true or false"),
+        ({"rope_scaling": (8.0, 1.0, 4.0, 8192)}, "rope_scaling: .* needs position='rotary'"),
+        ({"rope_scaling": (8.0, 1.0)}, r"rope_scaling: .* expected 4 values \(float, float"),
+        ({"n_embd": 18}, r"GPTConfig.n_embd: invalid value 18: must be a multiple of n_head \(4\)"),
     ],
 )
 def test_bad_options_are_clear_errors(options, words):

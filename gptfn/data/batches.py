@@ -19,8 +19,6 @@ from torch import Tensor
 
 from gptfn.data.prepare import load_meta
 
-__all__ = ["load_tokens", "random_batch", "sequential_batches", "Prefetcher"]
-
 Batch = tuple[Tensor, Tensor]
 
 

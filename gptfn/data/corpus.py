@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 from importlib import resources
 
-__all__ = ["shakespeare", "play_names"]
-
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
 
 

@@ -18,8 +18,6 @@ from gptfn.data.corpus import shakespeare
 from gptfn.data.tokenizers import Tokenizer, save_tokenizer, train_tokenizer
 from gptfn.files import atomic_write, atomic_write_text, remove_stale_temps
 
-__all__ = ["prepare", "read_text", "load_meta", "token_dtype", "DATA_FILES"]
-
 TEXT_SUFFIXES = (".txt", ".md", ".text", "")
 DATA_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
 

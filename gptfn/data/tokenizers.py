@@ -18,19 +18,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from gptfn.files import atomic_write_text
 
-__all__ = [
-    "Tokenizer",
-    "CharTokenizer",
-    "BPETokenizer",
-    "GPT2Tokenizer",
-    "HFTokenizer",
-    "tokenizer_json",
-    "tokenizer_mismatch",
-    "tokenizer_from_json",
-    "load_tokenizer",
-    "train_tokenizer",
-]
-
 
 @runtime_checkable
 class Tokenizer(Protocol):

@@ -14,8 +14,8 @@ from typing import Any
 
 from gptfn.families import gpt2, llama, neox, qwen2
 from gptfn.families.gpt2 import from_hf_gpt2
-from gptfn.model import GPTConfig, check_params, config_of
-from gptfn.typing import Params, Tensor
+from gptfn.model import GPTConfig, check_params
+from gptfn.shapes import Params, Tensor
 
 __all__ = ["FAMILIES", "family", "from_hf", "hf_config", "to_hf", "from_hf_gpt2", "to_hf_gpt2"]
 
@@ -80,13 +80,13 @@ def _family_for(cfg: GPTConfig, model_type: str | None) -> tuple[ModuleType, dic
 def hf_config(params: Params, model_type: str | None = None) -> dict[str, Any]:
     """The config.json (a dict) of the Hugging Face model that holds ``params``: the first
     family that can express the tree's config, or ``model_type``."""
-    return _family_for(config_of(params), model_type)[1]
+    return _family_for(GPTConfig.from_params(params), model_type)[1]
 
 
 def to_hf(params: Params, model_type: str | None = None) -> dict[str, Tensor]:
     """The Hugging Face state dict of ``params`` (family as :func:`hf_config`); it loads into
     the matching ``*ForCausalLM`` with ``strict=True``."""
-    cfg = config_of(params)
+    cfg = GPTConfig.from_params(params)
     fam, _ = _family_for(cfg, model_type)
     return fam.to_hf(params, cfg)
 

@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 
 from gptfn.model import GPTConfig
-from gptfn.typing import Params, Tensor
+from gptfn.shapes import Params, Tensor
 
 BUFFERS = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias",
            "rotary_emb.inv_freq")  # fmt: skip

@@ -14,7 +14,7 @@ from einops import rearrange
 
 from gptfn.families.common import Reader, activation, first, norm_in, norm_out, require
 from gptfn.model import GPTConfig
-from gptfn.typing import Params, Tensor
+from gptfn.shapes import Params, Tensor
 
 MODEL_TYPE = "gpt2"
 ARCHITECTURE = "GPT2LMHeadModel"

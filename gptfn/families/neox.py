@@ -24,7 +24,7 @@ from gptfn.families.common import (
     rope_to_hf,
 )
 from gptfn.model import GPTConfig
-from gptfn.typing import Params, Tensor
+from gptfn.shapes import Params, Tensor
 
 MODEL_TYPE = "gpt_neox"
 ARCHITECTURE = "GPTNeoXForCausalLM"

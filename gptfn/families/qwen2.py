@@ -8,7 +8,7 @@ from typing import Any
 from gptfn.families import llama
 from gptfn.families.common import require
 from gptfn.model import GPTConfig
-from gptfn.typing import Params, Tensor
+from gptfn.shapes import Params, Tensor
 
 MODEL_TYPE = "qwen2"
 ARCHITECTURE = "Qwen2ForCausalLM"

@@ -1,6 +1,6 @@
 """Causal self-attention: projections, QK-norm, rotary, the key/value cache, softmax attention.
 
-``self_attention`` is the attention step of the one block. With a cache it calls
+``self_attention`` is the attention step of the one block. With a cache (in its context) it calls
 :func:`update_cache`, which writes this step's keys and values into the cache's preallocated
 buffers [batch, max_len, n_kv_head, d_head] at the slots it is given (a tensor, so a compiled
 decode step has one static shape) and returns the buffers to attend over; without a cache the
@@ -10,29 +10,17 @@ step is plain causal self-attention over the sequence.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gptfn.model.config import GPTConfig
-from gptfn.model.layers import (
-    Hook,
-    apply_rotary,
-    dense,
-    linear_heads,
-    norm,
-    tap,
-    wants,
-)
+from gptfn.model.context import AttentionImpl, Context
+from gptfn.model.layers import apply_rotary, dense, linear_heads, norm
+from gptfn.shapes import Float, Params, Tensor
 from gptfn.tracing import needs_math_sdpa
-from gptfn.typing import Float, Params, Tensor
-
-__all__ = ["attend", "attention_out", "attention_qkv", "self_attention", "update_cache"]
-
-AttentionImpl = Literal["fast", "reference"]
 
 
 def attention_qkv(
@@ -42,16 +30,14 @@ def attention_qkv(
     return tuple(linear_heads(x, p[f"w_{n}"], p.get(f"b_{n}")) for n in "qkv")  # type: ignore[return-value]
 
 
-def _qkv_per_head_inputs(
-    p: Params, x: Tensor, hook: Hook, prefix: str
-) -> tuple[Tensor, Tensor, Tensor]:
+def _qkv_per_head_inputs(p: Params, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
     """Queries, keys, values from a copy of the normed input per head (``q_input`` ...
     [batch seq head d_model]), so each head's input can be patched on its own. Same
     projections as :func:`attention_qkv`; only run when such a name is asked for."""
     out = []
     for n in "qkv":
         heads = p[f"w_{n}"].shape[1]
-        per_head = tap(hook, f"{prefix}{n}_input", repeat(x, "b s d -> b s h d", h=heads))
+        per_head = ctx.tap(f"{n}_input", repeat(x, "b s d -> b s h d", h=heads))
         y = torch.einsum("bshd,dhk->bshk", per_head, p[f"w_{n}"])
         out.append(y if f"b_{n}" not in p else y + p[f"b_{n}"])
     return out[0], out[1], out[2]
@@ -71,45 +57,36 @@ def update_cache(
 
 
 def self_attention(
-    p: Params,
-    ln: Params,
-    x: Float[Tensor, "batch seq d_model"],
-    cfg: GPTConfig,
-    *,
-    rope: tuple[Tensor, Tensor] | None = None,
-    mask: Tensor | None = None,
-    cache: dict[str, Tensor] | None = None,
-    slots: Tensor | None = None,
-    impl: AttentionImpl = "fast",
-    hook: Hook | None = None,
-    prefix: str = "",
+    p: Params, x: Float[Tensor, "batch seq d_model"], ctx: Context
 ) -> Float[Tensor, "batch seq d_model"]:
-    """The attention branch of a block: norm ``ln``, project, (QK-norm), (rotate), (cache),
-    attend, project out. ``prefix`` is ``blocks.{i}.``; names are ``ln_1.*`` and ``attn.*``."""
-    a = prefix + "attn."
-    x = norm(ln, x, cfg, hook, prefix + "ln_1.")
-    if any(wants(hook, f"{a}{n}_input") for n in "qkv"):
-        q, k, v = _qkv_per_head_inputs(p, x, hook, a)  # type: ignore[arg-type]
+    """The attention branch of a block on its normed input ``x``: project, (QK-norm),
+    (rotate), (cache), attend, project out. Names are ``{ctx.prefix}*`` (``blocks.{i}.attn.``).
+    With a cache in ``ctx`` the new keys and values are written at ``ctx.slots`` first."""
+    if any(ctx.wants(f"{n}_input") for n in "qkv"):
+        q, k, v = _qkv_per_head_inputs(p, x, ctx)
     else:
         q, k, v = attention_qkv(p, x)
-    if hook is not None:
-        q, k, v = (hook(f"{a}{n}", t) for n, t in zip("qkv", (q, k, v)))
-    if cfg.qk_norm:
-        q = norm(p["q_norm"], q, cfg, hook, a + "q_norm.")
-        k = norm(p["k_norm"], k, cfg, hook, a + "k_norm.")
-    if rope is not None:
-        q = tap(hook, a + "rot_q", apply_rotary(q, *rope))
-        k = tap(hook, a + "rot_k", apply_rotary(k, *rope))
-    if cache is not None:  # attend over as many slots as the mask covers
-        width = None if mask is None else mask.shape[-1]
-        k, v = update_cache(cache, k, v, slots, width)  # type: ignore[arg-type]
-    z = tap(hook, a + "z", attend(q, k, v, impl=impl, mask=mask, hook=hook, prefix=a))
-    if wants(hook, a + "result"):
-        result = tap(hook, a + "result", torch.einsum("bshk,hkd->bshd", z, p["w_o"]))
+    q, k, v = ctx.tap("q", q), ctx.tap("k", k), ctx.tap("v", v)
+    if ctx.cfg.qk_norm:
+        q, k = (
+            norm(p["q_norm"], q, ctx.scoped("q_norm.")),
+            norm(p["k_norm"], k, ctx.scoped("k_norm.")),
+        )
+    if ctx.rope is not None:
+        q, k = (
+            ctx.tap("rot_q", apply_rotary(q, *ctx.rope)),
+            ctx.tap("rot_k", apply_rotary(k, *ctx.rope)),
+        )
+    if ctx.cache is not None:  # attend over as many slots as the mask covers
+        width = None if ctx.mask is None else ctx.mask.shape[-1]
+        k, v = update_cache(ctx.cache, k, v, ctx.slots, width)  # type: ignore[arg-type]
+    z = ctx.tap("z", attend(q, k, v, impl=ctx.attention, mask=ctx.mask, ctx=ctx))
+    if ctx.wants("result"):
+        result = ctx.tap("result", torch.einsum("bshk,hkd->bshd", z, p["w_o"]))
         out = result.sum(-2) if "b_o" not in p else result.sum(-2) + p["b_o"]
     else:
         out = attention_out(p, z)
-    return tap(hook, a + "out", out)
+    return ctx.tap("out", out)
 
 
 def attend(
@@ -119,8 +96,7 @@ def attend(
     *,
     impl: AttentionImpl = "fast",
     mask: Tensor | None = None,
-    hook: Hook | None = None,
-    prefix: str = "",
+    ctx: Context | None = None,
 ) -> Float[Tensor, "batch q_seq head d_head"]:
     """Softmax attention scaled by 1/sqrt(d_head), per head: ``z`` before the output projection.
 
@@ -132,14 +108,14 @@ def attend(
     one query with a mask (a decode step) a plain matmul-softmax-matmul that inductor fuses
     (see ``_one_query_attention``); ``"reference"`` spells the same function out with an
     explicit mask. Under nested torch.func transforms (grad of grad, jvp, vmap) the fast path
-    runs SDPA's math backend (``gptfn.tracing.needs_math_sdpa``). ``hook`` sees
+    runs SDPA's math backend (``gptfn.tracing.needs_math_sdpa``). The hook of ``ctx`` sees
     ``{prefix}scores`` and ``{prefix}pattern`` on the reference path; a hook that wants either
     selects the reference path.
     """
     q, k, v = (rearrange(t, "b s h k -> b h s k") for t in (q, k, v))
-    wants_pattern = wants(hook, prefix + "scores") or wants(hook, prefix + "pattern")
+    wants_pattern = ctx is not None and (ctx.wants("scores") or ctx.wants("pattern"))
     if impl == "reference" or (impl == "fast" and wants_pattern):
-        z = _reference_attention(q, k, v, mask, hook, prefix)
+        z = _reference_attention(q, k, v, mask, ctx)
     elif impl == "fast" and q.shape[-2] == 1 and mask is not None and _compiling_one_query(mask):
         z = _one_query_attention(q, k, v, mask)
     elif impl == "fast":
@@ -185,7 +161,7 @@ def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tenso
 
 
 def _reference_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, hook: Hook | None = None, prefix: str = ""
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ctx: Context | None = None
 ) -> Tensor:
     if k.shape[1] != q.shape[1]:
         group = q.shape[1] // k.shape[1]
@@ -193,8 +169,11 @@ def _reference_attention(
     scores = torch.einsum("bhqk,bhsk->bhqs", q, k) / math.sqrt(q.shape[-1])
     if mask is None:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    scores = tap(hook, prefix + "scores", scores.masked_fill(~mask, float("-inf")))
-    pattern = tap(hook, prefix + "pattern", scores.softmax(dim=-1))
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if ctx is not None:
+        scores = ctx.tap("scores", scores)
+    pattern = scores.softmax(dim=-1)
+    pattern = pattern if ctx is None else ctx.tap("pattern", pattern)
     return torch.einsum("bhqs,bhsk->bhqk", pattern, v)
 
 

@@ -9,74 +9,91 @@ and in ``torch.utils._pytree``, so ``optree.tree_map``, ``gptfn.tree.flatten``, 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import optree
 import torch.utils._pytree as torch_pytree
 
-from gptfn.typing import Params
-
-__all__ = ["GPTConfig", "POSITIONS", "NORMS", "MLPS", "config_of"]
+from gptfn.settings import OptionError, check_options, option
+from gptfn.shapes import Params
 
 POSITIONS = ("learned", "rotary", "none")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu_tanh", "gelu", "relu2", "swiglu", "geglu")
 GATED_MLPS = ("swiglu", "geglu")
+REQUIRED = dataclasses.MISSING
 
 
-def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with one line of help (and its allowed values) for CLIs and docs."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _fraction(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be > 0 and <= 1"
+
+
+def _llama3_scaling_problem(value: tuple[float, float, float, int]) -> str | None:
+    factor, low, high, context = value
+    if factor <= 0 or low <= 0 or high <= low or context <= 0:
+        return "needs factor > 0, 0 < low_freq_factor < high_freq_factor, context > 0"
+    return None
 
 
 @dataclass(frozen=True)
 class GPTConfig:
     """A decoder-only transformer's architecture. The defaults are GPT-2's.
 
-    Fields left as None are derived in ``__post_init__`` (``n_kv_head = n_head``, ``d_head =
-    n_embd // n_head``, ``d_mlp = 4 * n_embd``, ``qkv_bias = mlp_bias = norm_bias = bias``), so
-    two configs of the same architecture compare equal however they were written. Each field's
-    ``metadata["help"]`` says what it means (``dataclasses.fields(GPTConfig)``).
+    Each field is declared once, here, with its help line and allowed values
+    (``gptfn.settings.option``): ``gptfn train`` makes a flag and a TOML key of every field but
+    ``vocab_size`` from that metadata, and the families refuse by name any field they do not
+    map when it is not at its default. Fields left as None are derived in ``__post_init__``
+    (``n_kv_head = n_head``, ``d_head = n_embd // n_head``, ``d_mlp = 4 * n_embd``,
+    ``qkv_bias = mlp_bias = norm_bias = bias``), so two configs of the same architecture
+    compare equal however they were written. A bad value raises ``gptfn.settings.OptionError``
+    (a ``ValueError``) naming the field, the value and what is allowed.
     """
 
-    vocab_size: int = field(metadata={"help": "number of token ids"})
-    block_size: int = field(metadata={"help": "longest sequence (context length)"})
-    n_layer: int = field(metadata={"help": "number of transformer blocks"})
-    n_head: int = field(metadata={"help": "attention (query) heads per block"})
-    n_embd: int = field(metadata={"help": "width of the residual stream (d_model)"})
-    bias: bool = _option(True, "bias on the attention output; default of the other biases")
-    tie_embeddings: bool = _option(True, "unembed with the token embedding (else own matrix)")
-    n_kv_head: int | None = _option(None, "key/value heads (< n_head: grouped-query attention)")
-    d_head: int | None = _option(None, "width of each head (default n_embd // n_head)")
-    d_mlp: int | None = _option(None, "hidden width of the MLP (default 4 * n_embd)")
-    position: str = _option("learned", "position scheme", POSITIONS)
-    rope_theta: float = _option(10000.0, "rotary base (position=rotary)")
-    rotary_fraction: float = _option(1.0, "fraction of each head's dims that rotate")
-    rope_scaling: tuple[float, float, float, int] | None = _option(
-        None, "Llama-3.1 rotary scaling (factor, low_freq_factor, high_freq_factor, context)"
+    vocab_size: int = option(REQUIRED, "number of token ids", low=1)
+    block_size: int = option(REQUIRED, "longest sequence (context length)", low=1)
+    n_layer: int = option(REQUIRED, "number of transformer blocks", low=1)
+    n_head: int = option(REQUIRED, "attention (query) heads per block", low=1)
+    n_embd: int = option(REQUIRED, "width of the residual stream, d_model", low=1)
+    bias: bool = option(True, "bias on the attention output; default of the other biases")
+    tie_embeddings: bool = option(True, "unembed with the token embedding (else own matrix)")
+    n_kv_head: int | None = option(
+        None, "key/value heads; fewer than n_head: grouped-query (default n_head)", low=1
     )
-    norm: str = _option("layernorm", "normalisation", NORMS)
-    norm_eps: float = _option(1e-5, "epsilon inside the norms")
-    norm_bias: bool | None = _option(None, "additive bias in the norms (default: bias)")
-    mlp: str = _option("gelu_tanh", "MLP activation (swiglu/geglu are gated)", MLPS)
-    mlp_bias: bool | None = _option(None, "biases in the MLP (default: bias)")
-    qkv_bias: bool | None = _option(None, "biases on queries, keys, values (default: bias)")
-    qk_norm: bool = _option(False, "normalise each head's queries and keys (own weights)")
-    parallel_residual: bool = _option(False, "x + attn(ln_1 x) + mlp(ln_2 x) (GPT-NeoX)")
-    logit_softcap: float | None = _option(None, "logits = cap * tanh(logits / cap)")
+    d_head: int | None = option(None, "width of each head (default n_embd / n_head)", low=1)
+    d_mlp: int | None = option(None, "hidden width of the MLP (default 4 * n_embd)", low=1)
+    position: str = option("learned", "position scheme", choices=POSITIONS)
+    rope_theta: float = option(10000.0, "rotary base (position rotary)", above=0)
+    rotary_fraction: float = option(
+        1.0, "share (0, 1] of each head's dims that rotate (position rotary)", check=_fraction
+    )
+    rope_scaling: tuple[float, float, float, int] | None = option(
+        None,
+        "Llama-3.1 rotary scaling: factor,low_freq_factor,high_freq_factor,original_context",
+        check=_llama3_scaling_problem,
+    )
+    norm: str = option("layernorm", "normalisation", choices=NORMS)
+    norm_eps: float = option(1e-5, "epsilon inside the norms", above=0)
+    norm_bias: bool | None = option(None, "additive bias in the norms (default: as bias)")
+    mlp: str = option("gelu_tanh", "MLP activation (swiglu, geglu: gated)", choices=MLPS)
+    mlp_bias: bool | None = option(None, "biases in the MLP (default: as bias)")
+    qkv_bias: bool | None = option(None, "biases on queries, keys, values (default: as bias)")
+    qk_norm: bool = option(False, "normalise each head's queries and keys (own weights)")
+    parallel_residual: bool = option(False, "x + attn(ln_1 x) + mlp(ln_2 x) (GPT-NeoX)")
+    logit_softcap: float | None = option(
+        None, "soft-cap the logits: cap * tanh(logits / cap) (default: none)", above=0
+    )
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            _positive_int(name, getattr(self, name))
-        for name in ("n_kv_head", "d_head", "d_mlp"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
+        try:
+            check_options(self)
+        except OptionError as err:
+            raise OptionError(f"GPTConfig.{err.name}", err.value, err.problem) from None
         if self.d_head is None and self.n_embd % self.n_head:
-            raise ValueError(
-                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}),"
-                " or give d_head"
-            )
+            raise OptionError(
+                "GPTConfig.n_embd", self.n_embd,
+                f"must be a multiple of n_head ({self.n_head}), or give d_head",
+            )  # fmt: skip
         derived = {
             "n_kv_head": self.n_head,
             "d_head": self.n_embd // self.n_head,
@@ -88,51 +105,26 @@ class GPTConfig:
         for name, value in derived.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        if self.rope_scaling is not None:
-            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
         self._validate()
 
     def _validate(self) -> None:
-        for name in (
-            "bias", "tie_embeddings", "norm_bias", "mlp_bias", "qkv_bias", "qk_norm",
-            "parallel_residual",
-        ):  # fmt: skip
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(
-                    f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}"
-                )
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(
-                    f"GPTConfig.{f.name} must be one of {', '.join(choices)}; "
-                    f"got {getattr(self, f.name)!r}"
-                )
+        """The checks that involve more than one field."""
         if self.n_head % self.n_kv_head:
-            raise ValueError(
-                f"GPTConfig.n_head ({self.n_head}) must be a multiple of n_kv_head "
-                f"({self.n_kv_head}): each key/value head serves a whole group of query heads"
-            )
-        for name in ("rope_theta", "norm_eps"):
-            _positive_float(name, getattr(self, name))
-        if self.logit_softcap is not None:
-            _positive_float("logit_softcap", self.logit_softcap)
-        if not isinstance(self.rotary_fraction, (int, float)) or not 0 < self.rotary_fraction <= 1:
-            raise ValueError(
-                f"GPTConfig.rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}"
-            )
+            raise OptionError(
+                "GPTConfig.n_kv_head", self.n_kv_head,
+                f"must divide n_head ({self.n_head}): each key/value head serves a whole group "
+                "of query heads",
+            )  # fmt: skip
         if self.position == "rotary" and (self.rotary_dim < 2 or self.rotary_dim % 2):
-            raise ValueError(
-                "rotary positions rotate pairs of dims: int(d_head * rotary_fraction) = "
+            raise OptionError(
+                "GPTConfig.rotary_fraction", self.rotary_fraction,
+                "rotary positions turn pairs of dims: int(d_head * rotary_fraction) = "
                 f"int({self.d_head} * {self.rotary_fraction}) = {self.rotary_dim} must be even "
-                "and >= 2"
-            )
-        if self.rope_scaling is not None and (
-            len(self.rope_scaling) != 4 or self.position != "rotary"
-        ):
-            raise ValueError(
-                "GPTConfig.rope_scaling is (factor, low_freq_factor, high_freq_factor, "
-                f"original_context) for position='rotary'; got {self.rope_scaling!r}"
+                "and >= 2",
+            )  # fmt: skip
+        if self.rope_scaling is not None and self.position != "rotary":
+            raise OptionError(
+                "GPTConfig.rope_scaling", self.rope_scaling, "needs position='rotary'"
             )
 
     @property
@@ -173,16 +165,6 @@ class GPTConfig:
         return _infer_gpt2(params)
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
-
-
-def _positive_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
-
-
 def _infer_gpt2(params: Params) -> GPTConfig:
     if "wpe" not in params or "wte" not in params:
         missing = [k for k in ("wte", "wpe") if k not in params]
@@ -206,11 +188,6 @@ def _infer_gpt2(params: Params) -> GPTConfig:
         mlp_bias="b_in" in first["mlp"],
         norm_bias="bias" in first["ln_1"],
     )
-
-
-def config_of(params: Params) -> GPTConfig:
-    """``GPTConfig.from_params(params)``: the one place the model reads its architecture."""
-    return GPTConfig.from_params(params)
 
 
 optree.register_pytree_node(

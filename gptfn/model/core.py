@@ -1,12 +1,13 @@
 """``init``, the one ``block``, ``forward`` and ``loss``.
 
 ``forward`` (training, evaluation, capture/patching through ``hook``, remat) and
-``gptfn.generation`` (with a key/value cache) both run :func:`run_blocks`, which calls
-:func:`block` for every layer.
+``gptfn.generation`` (with a key/value cache) both build a :class:`Context` and run
+:func:`run_blocks`, which calls :func:`block` for every layer.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -14,15 +15,13 @@ import optree
 import torch
 import torch.nn.functional as F
 
-from gptfn.model.attention import AttentionImpl, self_attention
-from gptfn.model.config import GPTConfig, config_of
-from gptfn.model.layers import Hook, dropout, embed, linear, mlp, norm, rotary_tables, tap
-from gptfn.remat import remat as checkpoint_block
+from gptfn.model.attention import self_attention
+from gptfn.model.config import GPTConfig
+from gptfn.model.context import AttentionImpl, Context, Hook
+from gptfn.model.layers import embed, linear, mlp, norm, rotary_tables
+from gptfn.model.remat import remat as checkpoint_block
+from gptfn.shapes import Float, Int, Params, Tensor, checked, runtime_checks_enabled
 from gptfn.tracing import is_traced
-from gptfn.typing import Float, Int, Params, Tensor, checked, runtime_checks_enabled
-
-__all__ = ["block", "check_params", "check_tokens", "forward", "init", "loss", "unembed"]
-
 
 # ----------------------------------------------------------------------------- init
 
@@ -109,7 +108,7 @@ def init(
 def check_params(params: Params, cfg: GPTConfig | None = None) -> None:
     """Raise ``ValueError`` unless the tree has exactly the leaves and shapes ``cfg`` (default:
     the tree's own config) calls for; the message lists what is missing, extra or misshapen."""
-    cfg = config_of(params) if cfg is None else cfg
+    cfg = GPTConfig.from_params(params) if cfg is None else cfg
     paths, shapes, _ = optree.tree_flatten_with_path(
         _spec(cfg), is_leaf=lambda n: isinstance(n, tuple)
     )
@@ -133,56 +132,41 @@ def check_params(params: Params, cfg: GPTConfig | None = None) -> None:
 
 
 def block(
-    p: Params,
-    x: Float[Tensor, "batch seq d_model"],
-    cfg: GPTConfig,
-    *,
-    rope: tuple[Tensor, Tensor] | None = None,
-    mask: Tensor | None = None,
-    cache: dict[str, Tensor] | None = None,
-    slots: Tensor | None = None,
-    attention: AttentionImpl = "fast",
-    dropout_rate: float = 0.0,
-    generator: torch.Generator | None = None,
-    hook: Hook | None = None,
-    prefix: str = "",
+    p: Params, x: Float[Tensor, "batch seq d_model"], ctx: Context
 ) -> Float[Tensor, "batch seq d_model"]:
-    """One pre-norm residual block: ``x + attn(ln_1 x)`` then ``+ mlp(ln_2 x)``, or with
-    ``parallel_residual`` both branches read ``x``. ``rope`` holds the rotary tables, ``mask``
-    and ``cache``/``slots`` come from generation (see ``self_attention``); ``hook`` sees the
-    block's activations under ``prefix`` (``blocks.{i}.``)."""
-    x = tap(hook, prefix + "resid_pre", x)
-    attn_out = self_attention(
-        p["attn"], p["ln_1"], x, cfg, rope=rope, mask=mask, cache=cache, slots=slots,
-        impl=attention, hook=hook, prefix=prefix,
-    )  # fmt: skip
-    if cfg.parallel_residual:
-        mlp_in = x
-    else:
-        x = tap(hook, prefix + "resid_mid", x + dropout(attn_out, dropout_rate, generator))
-        mlp_in = x
-    mlp_in = tap(hook, prefix + "mlp_in", mlp_in)
-    mlp_out = mlp(
-        p["mlp"], norm(p["ln_2"], mlp_in, cfg, hook, prefix + "ln_2."), cfg.mlp,
-        hook=hook, prefix=prefix + "mlp.",
-    )  # fmt: skip
-    if cfg.parallel_residual:
-        x = x + dropout(attn_out, dropout_rate, generator)
-    return tap(hook, prefix + "resid_post", x + dropout(mlp_out, dropout_rate, generator))
+    """One residual block: ``x + attn(ln_1 x)``, then ``+ mlp(ln_2 .)``; with
+    ``parallel_residual`` both branches read ``x``. ``ctx`` is the block's (``ctx.at(i)``)."""
+    x = ctx.tap("resid_pre", x)
+    if ctx.cfg.parallel_residual:
+        return ctx.tap(
+            "resid_post", x + ctx.drop(_attention(p, x, ctx)) + ctx.drop(_mlp(p, x, ctx))
+        )
+    h = ctx.tap("resid_mid", x + ctx.drop(_attention(p, x, ctx)))
+    return ctx.tap("resid_post", h + ctx.drop(_mlp(p, h, ctx)))
+
+
+def _attention(p: Params, x: Tensor, ctx: Context) -> Tensor:
+    """The attention branch: ``attn(ln_1 x)``."""
+    return self_attention(p["attn"], norm(p["ln_1"], x, ctx.scoped("ln_1.")), ctx.scoped("attn."))
+
+
+def _mlp(p: Params, x: Tensor, ctx: Context) -> Tensor:
+    """The MLP branch: ``mlp(ln_2 x)``; its input is named ``mlp_in``."""
+    x = ctx.tap("mlp_in", x)
+    return mlp(p["mlp"], norm(p["ln_2"], x, ctx.scoped("ln_2.")), ctx.scoped("mlp."))
 
 
 def unembed(
-    params: Params, x: Float[Tensor, "*batch d_model"], hook: Hook | None = None
+    params: Params, x: Float[Tensor, "*batch d_model"], ctx: Context | None = None
 ) -> Float[Tensor, "*batch vocab"]:
     """Final norm, then logits through the (tied unless ``unembed`` exists) embedding, then the
     optional soft-cap."""
-    cfg = config_of(params)
+    ctx = Context(GPTConfig.from_params(params)) if ctx is None else ctx
     logits = linear(
-        norm(params["ln_f"], x, cfg, hook, "ln_f."), params.get("unembed", params["wte"]), None
+        norm(params["ln_f"], x, ctx.scoped("ln_f.")), params.get("unembed", params["wte"]), None
     )
-    if cfg.logit_softcap is not None:
-        logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
-    return logits
+    cap = ctx.cfg.logit_softcap
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 # ----------------------------------------------------------------------------- model
@@ -194,7 +178,7 @@ def check_tokens(params: Params, tokens: Tensor, name: str = "tokens", *, allow:
     The length check is free and always runs; the id check reads values, so it is skipped when
     checks are off or ``tokens`` is a torch.func/compile-traced (or meta) tensor.
     """
-    cfg = config_of(params)
+    cfg = GPTConfig.from_params(params)
     if tokens.shape[-1] > cfg.block_size:
         raise ValueError(
             f"{name} has sequence length {tokens.shape[-1]}, longer than block_size "
@@ -216,42 +200,24 @@ def check_tokens(params: Params, tokens: Tensor, name: str = "tokens", *, allow:
             )
 
 
+def context(params: Params, positions: Tensor, **fields: Any) -> Context:
+    """The :class:`Context` of one pass over ``positions`` (rotary tables computed once)."""
+    cfg = GPTConfig.from_params(params)
+    rope = rotary_tables(cfg, positions) if cfg.position == "rotary" else None
+    return Context(cfg, rope=rope, **fields)
+
+
 def run_blocks(
-    params: Params,
-    tokens: Tensor,
-    positions: Tensor,
-    *,
-    mask: Tensor | None = None,
-    caches: list[dict[str, Tensor]] | None = None,
-    slots: Tensor | None = None,
-    attention: AttentionImpl = "fast",
-    dropout_rate: float = 0.0,
-    generator: torch.Generator | None = None,
-    remat: bool = False,
-    hook: Hook | None = None,
+    params: Params, tokens: Tensor, positions: Tensor, ctx: Context, *, remat: bool = False
 ) -> Tensor:
     """Embed, run every block, unembed: the body of ``forward`` and of cached generation."""
-    cfg = config_of(params)
-    if hook is None:
-        x = embed(params, tokens, positions)
-    else:
-        x = hook("embed", F.embedding(tokens, params["wte"]))
-        if "wpe" in params:
-            x = x + hook("pos_embed", F.embedding(positions, params["wpe"]).expand_as(x))
-    x = dropout(x, dropout_rate, generator)
-    rope = rotary_tables(cfg, positions) if cfg.position == "rotary" else None
+    x = ctx.drop(embed(params, tokens, positions, ctx))
     for i, p in enumerate(params["blocks"]):
-        options = {
-            "rope": rope, "mask": mask, "attention": attention, "dropout_rate": dropout_rate,
-            "generator": generator, "hook": hook, "prefix": f"blocks.{i}.",
-        }  # fmt: skip
-        if caches is not None:
-            options |= {"cache": caches[i], "slots": slots}
-        if remat:
-            x = checkpoint_block(lambda p, x, o=options: block(p, x, cfg, **o))(p, x)
+        if remat:  # recompute the block's activations in the backward pass
+            x = checkpoint_block(functools.partial(block, ctx=ctx.at(i)))(p, x)
         else:
-            x = block(p, x, cfg, **options)
-    return unembed(params, x, hook)
+            x = block(p, x, ctx.at(i))
+    return unembed(params, x, ctx)
 
 
 @checked
@@ -276,7 +242,7 @@ def forward(
         ``generator`` (an explicit ``torch.Generator``) or the global RNG.
       remat: recompute each block's activations in the backward pass instead of storing them.
       hook: ``hook(name, activation)`` sees and may replace every named activation
-        (``gptfn.inspect``).
+        (``gptfn.research.interp``).
 
     Returns:
       Logits [batch, seq, vocab].
@@ -287,10 +253,10 @@ def forward(
     if remat and hook is not None:
         raise ValueError("remat does not combine with hooks (activation capture/patching)")
     positions = torch.arange(tokens.shape[1], device=tokens.device)
-    return run_blocks(
-        params, tokens, positions, attention=attention, dropout_rate=dropout,
-        generator=generator, remat=remat, hook=hook,
-    )  # fmt: skip
+    ctx = context(
+        params, positions, attention=attention, dropout=dropout, generator=generator, hook=hook
+    )
+    return run_blocks(params, tokens, positions, ctx, remat=remat)
 
 
 @checked

@@ -1,10 +1,8 @@
-"""The layers as pure functions: linear maps, embeddings, norms, rotary positions, MLPs, dropout.
+"""The layers as pure functions: linear maps, embeddings, norms, rotary positions, MLPs.
 
-Each takes its parameter subtree and the activations, and sees the hook (if any) under a name
-prefix. Hooks: ``hook(name, x) -> x`` sees and may replace a named activation. Names that cost
-extra work to produce (a norm taken apart into its normalised value and its scale, the
-per-head attention result, the per-head inputs) are computed only when the hook ``wants``
-them: a hook with a ``wants(name)`` method is asked; a plain function wants everything.
+Each takes its parameter subtree and the activations; those with named activations also take
+the pass's :class:`~gptfn.model.context.Context`, whose prefix names them (``blocks.0.ln_1.``)
+and whose hook sees them.
 """
 
 from __future__ import annotations
@@ -17,34 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from gptfn.model.config import GPTConfig
-from gptfn.typing import Float, Int, Params, Tensor
-
-__all__ = [
-    "Hook",
-    "embed",
-    "layer_norm",
-    "mlp",
-    "norm",
-    "rotary_tables",
-    "apply_rotary",
-]
-
-Hook = Callable[[str, Tensor], Tensor]
-"""``hook(name, activation) -> activation``; see the module docstring and ``gptfn.inspect``."""
-
-
-def tap(hook: Hook | None, name: str, x: Tensor) -> Tensor:
-    """``hook(name, x)``, or ``x`` when there is no hook."""
-    return x if hook is None else hook(name, x)
-
-
-def wants(hook: Hook | None, name: str) -> bool:
-    """Whether ``hook`` asks for ``name`` (for activations that cost extra to produce)."""
-    if hook is None:
-        return False
-    ask = getattr(hook, "wants", None)
-    return True if ask is None else bool(ask(name))
-
+from gptfn.model.context import Context
+from gptfn.shapes import Float, Int, Params, Tensor
 
 # ----------------------------------------------------------------------------- linear maps
 
@@ -84,11 +56,18 @@ def linear_heads(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 def embed(
-    params: Params, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "*#batch seq"]
+    params: Params,
+    tokens: Int[Tensor, "batch seq"],
+    positions: Int[Tensor, "*#batch seq"],
+    ctx: Context | None = None,
 ) -> Float[Tensor, "batch seq d_model"]:
-    """Token embedding, plus the learned position embedding when the tree has one (``wpe``)."""
-    x = F.embedding(tokens, params["wte"])
-    return x + F.embedding(positions, params["wpe"]) if "wpe" in params else x
+    """Token embedding (``embed``), plus the learned position embedding (``pos_embed``) when
+    the tree has one (``wpe``)."""
+    ctx = Context(GPTConfig.from_params(params)) if ctx is None else ctx
+    x = ctx.tap("embed", F.embedding(tokens, params["wte"]))
+    if "wpe" in params:
+        x = x + ctx.tap("pos_embed", F.embedding(positions, params["wpe"]).expand_as(x))
+    return x
 
 
 def rotary_tables(cfg: GPTConfig, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,31 +132,24 @@ def _rms_norm(p: Params, x: Tensor, eps: float) -> Tensor:
     return x if "bias" not in p else x + p["bias"]
 
 
-def norm(
-    p: Params,
-    x: Float[Tensor, "*batch d"],
-    cfg: GPTConfig,
-    hook: Hook | None = None,
-    prefix: str = "",
-) -> Float[Tensor, "*batch d"]:
+def norm(p: Params, x: Float[Tensor, "*batch d"], ctx: Context) -> Float[Tensor, "*batch d"]:
     """The config's norm (LayerNorm or RMSNorm, with or without bias) over the last axis.
 
     A hook that wants ``{prefix}rms`` or ``{prefix}normalized`` gets the norm taken apart:
     ``rms`` = sqrt(mean(x_c^2) + eps) [... 1] (x_c centred for LayerNorm, x for RMSNorm) and
     ``normalized`` = x_c / rms, before the affine scale and bias. ``{prefix}out`` is the result.
     """
-    if wants(hook, prefix + "rms") or wants(hook, prefix + "normalized"):
+    cfg = ctx.cfg
+    if ctx.wants("rms") or ctx.wants("normalized"):
         centred = x - x.mean(-1, keepdim=True) if cfg.norm == "layernorm" else x
-        rms = tap(
-            hook, prefix + "rms", (centred.pow(2).mean(-1, keepdim=True) + cfg.norm_eps).sqrt()
-        )
-        out = tap(hook, prefix + "normalized", centred / rms) * p["scale"]
+        rms = ctx.tap("rms", (centred.pow(2).mean(-1, keepdim=True) + cfg.norm_eps).sqrt())
+        out = ctx.tap("normalized", centred / rms) * p["scale"]
         out = out if "bias" not in p else out + p["bias"]
     elif cfg.norm == "layernorm":
         out = F.layer_norm(x, x.shape[-1:], p["scale"], p.get("bias"), cfg.norm_eps)
     else:
         out = _rms_norm(p, x, cfg.norm_eps)
-    return tap(hook, prefix + "out", out)
+    return ctx.tap("out", out)
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -192,39 +164,17 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def mlp(
-    p: Params,
-    x: Float[Tensor, "batch seq d_model"],
-    activation: str = "gelu_tanh",
-    *,
-    hook: Hook | None = None,
-    prefix: str = "",
+    p: Params, x: Float[Tensor, "batch seq d_model"], ctx: Context
 ) -> Float[Tensor, "batch seq d_model"]:
     """Feed-forward: ``w_out(act(w_in x))``, or gated ``w_out(act(w_gate x) * w_in x)`` for
     swiglu (SiLU gate, Llama) and geglu (tanh-GELU gate, Gemma). Names as TransformerLens:
     ``pre`` is the activation's input (``w_in x``, or ``w_gate x`` when gated), gated MLPs add
     ``pre_linear`` (``w_in x``), ``post`` is what ``w_out`` reads, ``out`` the result."""
-    try:
-        act = _ACTIVATIONS[activation]
-    except KeyError:
-        raise ValueError(
-            f"unknown MLP activation {activation!r}; choose one of {', '.join(_ACTIVATIONS)}"
-        ) from None
+    act = _ACTIVATIONS[ctx.cfg.mlp]
     if "w_gate" in p:
-        gate = tap(hook, prefix + "pre", dense(x, p["w_gate"], p.get("b_gate")))
-        linear_part = tap(hook, prefix + "pre_linear", dense(x, p["w_in"], p.get("b_in")))
-        post = tap(hook, prefix + "post", act(gate) * linear_part)
+        gate = ctx.tap("pre", dense(x, p["w_gate"], p.get("b_gate")))
+        linear_part = ctx.tap("pre_linear", dense(x, p["w_in"], p.get("b_in")))
+        post = ctx.tap("post", act(gate) * linear_part)
     else:
-        post = tap(
-            hook,
-            prefix + "post",
-            act(tap(hook, prefix + "pre", dense(x, p["w_in"], p.get("b_in")))),
-        )
-    return tap(hook, prefix + "out", dense(post, p["w_out"], p.get("b_out")))
-
-
-def dropout(x: Tensor, rate: float, generator: torch.Generator | None) -> Tensor:
-    """Inverted dropout drawing from ``generator`` (or the global RNG when None)."""
-    if rate == 0.0:
-        return x
-    keep = torch.rand(x.shape, generator=generator, device=x.device) >= rate
-    return x * keep / (1.0 - rate)
+        post = ctx.tap("post", act(ctx.tap("pre", dense(x, p["w_in"], p.get("b_in")))))
+    return ctx.tap("out", dense(post, p["w_out"], p.get("b_out")))

@@ -1,21 +1,13 @@
-"""Functional optimizers over parameter trees, optax-style: ``init``/``update`` and ``chain``."""
+"""Functional optimizers over parameter trees, optax-style: ``init``/``update`` and ``chain``.
+
+Only optimizers live here (the contract, building blocks, combinators, schedules, aliases, loss
+scaling); they see trees, never the model. The settings of a training run that pick an optimizer
+(``OptimizerConfig``, ``make_optimizer``) are in ``gptfn.train``.
+"""
 
 from gptfn.optim.aliases import adamw, hidden_matrices, lion, matrices, muon, sgd
 from gptfn.optim.base import GradientTransformation, Schedule, apply_updates, leaf_ops, set_foreach
 from gptfn.optim.combine import chain, masked
-from gptfn.optim.config import (
-    OPTIMIZERS,
-    OptimizerConfig,
-    OptionError,
-    allowed_values,
-    check_option,
-    check_options,
-    lr_schedule,
-    make_optimizer,
-    muon_momentum,
-    option,
-    state_clash,
-)
 from gptfn.optim.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
 from gptfn.optim.loss_scaling import loss_scaling
 from gptfn.optim.privacy import differentially_private_aggregate, per_example_global_norms
@@ -42,18 +34,7 @@ from gptfn.optim.transforms import (
 )
 
 __all__ = [
-    "OPTIMIZERS",
-    "OptimizerConfig",
-    "OptionError",
-    "allowed_values",
-    "check_option",
-    "check_options",
     "loss_scaling",
-    "lr_schedule",
-    "make_optimizer",
-    "muon_momentum",
-    "option",
-    "state_clash",
     "InjectHyperparamsState",
     "differentially_private_aggregate",
     "inject_hyperparams",

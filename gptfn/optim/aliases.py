@@ -24,8 +24,6 @@ from gptfn.optim.transforms import (
     trace,
 )
 
-__all__ = ["sgd", "adamw", "lion", "muon", "matrices", "hidden_matrices"]
-
 LR = Scalar | Schedule
 
 

@@ -26,16 +26,6 @@ from torch import Tensor
 
 from gptfn.tracing import inside_transform, is_compiling
 
-__all__ = [
-    "GradientTransformation",
-    "Schedule",
-    "apply_updates",
-    "leaf_ops",
-    "set_foreach",
-    "LeafOps",
-    "scalar_dtype",
-]
-
 Tree = Any
 Scalar = float | Tensor
 Schedule = Callable[[Tensor], Tensor]

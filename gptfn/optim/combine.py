@@ -12,8 +12,6 @@ from gptfn.optim.base import GradientTransformation
 from gptfn.tracing import is_compiling
 from gptfn.tree import flatten
 
-__all__ = ["chain", "masked", "MaskSpec"]
-
 Tree = Any
 MaskSpec = Tree | Callable[[str, Tensor], bool]
 """A boolean tree shaped like the params, or a predicate ``(dotted_path, leaf) -> bool``."""

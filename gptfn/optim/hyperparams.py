@@ -16,8 +16,6 @@ from torch import Tensor
 
 from gptfn.optim.base import GradientTransformation
 
-__all__ = ["InjectHyperparamsState", "inject_hyperparams", "set_hyperparams"]
-
 Tree = Any
 
 

@@ -10,8 +10,6 @@ import torch
 from gptfn.optim.base import GradientTransformation
 from gptfn.tree import global_norm
 
-__all__ = ["loss_scaling"]
-
 Tree = Any
 
 

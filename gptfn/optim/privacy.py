@@ -10,8 +10,6 @@ from torch import Tensor
 
 from gptfn.optim.base import GradientTransformation
 
-__all__ = ["differentially_private_aggregate", "per_example_global_norms"]
-
 Tree = Any
 
 

@@ -15,13 +15,6 @@ from torch import Tensor
 
 from gptfn.optim.base import Schedule, scalar_dtype
 
-__all__ = [
-    "constant_schedule",
-    "linear_schedule",
-    "warmup_cosine_decay_schedule",
-    "warmup_stable_decay_schedule",
-]
-
 
 def constant_schedule(value: float | Tensor) -> Schedule:
     """Always ``value`` (a number, or a tensor: then gradients flow to it)."""

@@ -18,23 +18,6 @@ from torch import Tensor
 from gptfn.optim.base import GradientTransformation, Scalar, Schedule, leaf_ops, scalar_dtype
 from gptfn.tree import flatten
 
-__all__ = [
-    "identity",
-    "set_to_zero",
-    "scale",
-    "scale_by_schedule",
-    "scale_by_learning_rate",
-    "scale_by_adam",
-    "add_decayed_weights",
-    "clip_by_global_norm",
-    "trace",
-    "scale_by_lion",
-    "scale_by_muon",
-    "newton_schulz",
-    "leading_fan_in_axes",
-    "FanInAxes",
-]
-
 Tree = Any
 
 

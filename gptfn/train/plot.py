@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["read_log", "plot_run"]
-
 
 def read_log(run_dir: str | Path) -> list[dict]:
     """The run's log records, one per logged step (the latest record wins after a resume)."""

@@ -10,10 +10,8 @@ from typing import Any
 
 import torch
 
-from gptfn.optim import lr_schedule
-from gptfn.train_config import TrainConfig
-
-__all__ = ["TrainLog", "format_record"]
+from gptfn.train.optimizer_options import lr_schedule
+from gptfn.train.options import TrainConfig
 
 
 class TrainLog:

@@ -14,9 +14,7 @@ import torch
 from torch import Tensor
 
 from gptfn.model import loss
-from gptfn.typing import Params
-
-__all__ = ["per_example_grads"]
+from gptfn.shapes import Params
 
 
 def per_example_grads(

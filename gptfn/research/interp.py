@@ -20,11 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gptfn.model import GPTConfig, config_of, forward, init, unembed
+from gptfn.model import GPTConfig, forward, init, unembed
+from gptfn.shapes import Params
 from gptfn.tracing import is_compiling
-from gptfn.typing import Params
-
-__all__ = ["activation_names", "run_with_cache", "run_with_patches", "logit_lens"]
 
 
 class _Recorder:
@@ -51,7 +49,7 @@ def _names_for(cfg: GPTConfig) -> tuple[str, ...]:
 
 def activation_names(params: Params) -> list[str]:
     """Every activation name of this model, in the order they are computed."""
-    return list(_names_for(config_of(params)))
+    return list(_names_for(GPTConfig.from_params(params)))
 
 
 def _check_names(params: Params, asked: Iterable[str], seen: Iterable[str]) -> None:

@@ -1,17 +1,15 @@
-"""The command line's models: which model ``sample`` and ``eval`` read (a run, or a Hugging Face
-folder or cached id) and how samples print, ``gptfn export`` (a run as a Hugging Face folder),
-and ``prepare --tokenizer`` with a pretrained model's tokenizer. Parsing and printing only."""
+"""``gptfn sample``, ``eval`` and ``export``: which model they read (a run, or a Hugging Face
+folder or cached id), how samples print, a run as a Hugging Face folder, and ``prepare
+--tokenizer`` with a pretrained model's tokenizer. Parsing and printing only."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "add_model_source", "cmd_export", "export_args", "load_model", "prepare_tokenizer",
-    "print_samples",
-]  # fmt: skip
+from gptfn.cli.flags import COUNT, POSITIVE, number
 
 TOKENIZER_KINDS = ("char", "bpe", "gpt2")
 
@@ -152,3 +150,84 @@ def prepare_tokenizer(value: str) -> Any:
             f"--tokenizer {value!r}: not one of {', '.join(TOKENIZER_KINDS)}, and no pretrained "
             f"tokenizer there ({err})"
         ) from None
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    prompt = args.prompt
+    if args.prompt_file:
+        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+    prompt = "\n" if prompt is None else prompt
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one character")
+    sampling = dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    ) | {"compile": args.compile}
+    params, tokenizer, _ = load_model(args)
+    print_samples(
+        params,
+        tokenizer,
+        [prompt] * args.num_samples,
+        args.max_new_tokens,
+        sampling,
+        args.stream,
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from gptfn.evaluate import evaluate, evaluate_run
+
+    options = dict(
+        data=args.data,
+        text=args.text,
+        stride=args.stride,
+        bleu_samples=args.bleu_samples,
+        batch_size=args.batch_size,
+        compile=args.compile,
+    )
+    if args.model is None:
+        report = evaluate_run(args.run, checkpoint=args.checkpoint or "last", **options)
+    elif args.data is None and args.text is None:
+        raise ValueError("--model needs --text FILE (or --data DIR, prepared with its tokenizer)")
+    else:
+        params, tokenizer, _ = load_model(args)
+        report = {"model": args.model} | evaluate(params, tokenizer, **options)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
+
+
+def sample_args(p: argparse.ArgumentParser) -> None:
+    add_model_source(p)
+    p.add_argument("--prompt", help="text to continue (default: a newline)")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--num-samples", type=POSITIVE, default=1, help="continuations (default 1)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=300, help="(default 300)")
+    p.add_argument(
+        "--temperature", type=number(float, low=0), default=0.8, help="0: greedy (default 0.8)"
+    )
+    p.add_argument("--top-k", type=POSITIVE, help="sample from the k likeliest tokens")
+    p.add_argument(
+        "--top-p",
+        type=number(float, above=0, at_most=1),
+        help="sample from the smallest set of tokens with this much probability",
+    )
+    p.add_argument("--seed", type=COUNT, help="same seed, same samples")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the prefill and decode steps (same text; compiling takes a while)",
+    )
+
+
+def eval_args(p: argparse.ArgumentParser) -> None:
+    add_model_source(p)
+    p.add_argument("--data", help="prepared data directory (default: the run's own)")
+    p.add_argument("--text", help="a raw text file to score instead (with --model: or --data)")
+    p.add_argument("--stride", type=POSITIVE, help="sliding-window stride (default: no overlap)")
+    p.add_argument("--bleu-samples", type=COUNT, default=0, help="BLEU of this many continuations")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="(default 32)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--compile", action="store_true", help="score with one torch.compile'd graph")

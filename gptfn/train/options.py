@@ -1,29 +1,26 @@
 """Every setting of a training run, in four sections: model, optimizer, data, run.
 
-Each field has one line of help and its allowed values (``gptfn.optim.option``); ``gptfn train
+Each field has one line of help and its allowed values (``gptfn.settings.option``); ``gptfn train
 --help`` prints them, and the flags, a TOML file and Python all go through the same checks. The
 names are the flag names: ``n_layer`` is ``--n-layer`` and the TOML key ``n-layer`` (or
 ``n_layer``), at the top level or in its section's table (``[model]``, ``[optimizer]``...).
 
-To add an architecture option, add a field to :class:`ModelOptions` with the name
-``GPTConfig`` gives it: :meth:`ModelOptions.gpt_config` passes each field on by name (and fails
-loudly on a name ``GPTConfig`` does not have).
+The ``model`` section is derived from ``GPTConfig``: every architecture field (its help, allowed
+values and checks) is an option with no edit here; only the training-only options
+(``TRAINING_ONLY``) and the default size (``TRAINING_DEFAULTS``) are declared here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 from gptfn.model import GPTConfig
-from gptfn.model.config import MLPS, NORMS, POSITIONS
-from gptfn.optim import OptimizerConfig, OptionError, check_option, check_options, option
-
-__all__ = [
-    "RECIPES", "DataOptions", "ModelOptions", "RunOptions", "TrainConfig", "load_toml",
-]  # fmt: skip
+from gptfn.settings import OptionError, check_option, check_options, option
+from gptfn.train.optimizer_options import OptimizerConfig
 
 DEVICES = ("cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -56,10 +53,6 @@ def _compile_works(on: bool) -> str | None:
     return None
 
 
-def _fraction(value: float) -> str | None:
-    return None if 0 < value <= 1 else "must be > 0 and <= 1"
-
-
 def _available(device: str) -> str | None:
     """Why ``device`` cannot be used here, or None."""
     import torch
@@ -71,91 +64,67 @@ def _available(device: str) -> str | None:
     return None
 
 
-@dataclass
-class ModelOptions:
-    """The architecture (``GPTConfig`` less the vocabulary size, which the data decides), or a
-    pretrained model to start from. Options left unset take GPTConfig's derived defaults."""
-
-    n_layer: int = option(4, "transformer blocks", low=1)
-    n_head: int = option(4, "attention heads per block", low=1)
-    n_embd: int = option(128, "width of the residual stream (a multiple of n_head)", low=1)
-    block_size: int = option(
-        128, "context length in tokens (with init_from: the length of training sequences)", low=1
-    )
-    bias: bool = option(
-        True, "biases in the linear layers and norms (qkv_bias, mlp_bias, norm_bias override)"
-    )
-    untied: bool = option(False, "an output matrix of its own instead of the token embedding")
-    dropout: float = option(0.0, "dropout probability while training", low=0, below=1)
-    zero_init: bool = option(False, "start the residual output projections (w_o, w_out) at zero")
-    position: str = option("learned", "position scheme", choices=POSITIONS)
-    rope_theta: float = option(10000.0, "rotary base (position rotary)", above=0)
-    rotary_fraction: float = option(
-        1.0, "share (0, 1] of each head's dims that rotate (position rotary)", check=_fraction
-    )
-    norm: str = option("layernorm", "normalisation", choices=NORMS)
-    norm_eps: float = option(1e-5, "epsilon inside the norms", above=0)
-    norm_bias: bool | None = option(None, "additive bias in the norms (default: as bias)")
-    mlp: str = option("gelu_tanh", "MLP activation (swiglu, geglu: gated)", choices=MLPS)
-    d_mlp: int | None = option(None, "hidden width of the MLP (default 4 * n_embd)", low=1)
-    mlp_bias: bool | None = option(None, "biases in the MLP (default: as bias)")
-    n_kv_head: int | None = option(
-        None, "key/value heads; fewer than n_head: grouped-query (default n_head)", low=1
-    )
-    d_head: int | None = option(None, "width of each head (default n_embd / n_head)", low=1)
-    qkv_bias: bool | None = option(None, "biases on queries, keys, values (default: as bias)")
-    qk_norm: bool = option(False, "normalise each head's queries and keys")
-    parallel_residual: bool = option(False, "attention and MLP side by side (GPT-NeoX)")
-    logit_softcap: float | None = option(
-        None, "soft-cap the logits: cap * tanh(logits / cap) (default: none)", above=0
-    )
-    init_from: str | None = option(
-        None, "fine-tune this pretrained model (Hugging Face folder or cached id); its "
-        "architecture is used and its tokenizer must be the data's"
-    )  # fmt: skip
+class _ModelSection:
+    """The architecture (every ``GPTConfig`` field but the vocabulary size, which the data
+    decides) and how training starts (dropout, zero-init, a pretrained model). Options left
+    unset take GPTConfig's derived defaults."""
 
     def __post_init__(self) -> None:
         check_options(self)
-        if self.d_head is None and self.n_embd % self.n_head:
-            raise OptionError(
-                "n_embd",
-                self.n_embd,
-                f"must be a multiple of n_head ({self.n_head}), or give d_head",
-            )
-        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
-            raise OptionError("n_kv_head", self.n_kv_head, f"must divide n_head ({self.n_head})")
-        d_head = self.d_head or self.n_embd // self.n_head
-        rotary_dim = int(d_head * self.rotary_fraction)
-        if self.position == "rotary" and (rotary_dim < 2 or rotary_dim % 2):
-            raise OptionError(
-                "rotary_fraction",
-                self.rotary_fraction,
-                f"rotary positions turn pairs of dims: int(d_head * rotary_fraction) = "
-                f"int({d_head} * {self.rotary_fraction}) = {rotary_dim} must be even and >= 2",
-            )
         try:
-            self.gpt_config(vocab_size=2)  # anything left of GPTConfig's own checks
-        except ValueError as err:
-            raise ValueError(f"the model options do not fit together: {err}") from None
+            self.gpt_config(vocab_size=2)  # GPTConfig's checks of fields together
+        except OptionError as err:
+            raise OptionError(err.name.removeprefix("GPTConfig."), err.value, err.problem) from None
 
     def architecture(self) -> dict[str, Any]:
         """The fields that describe the architecture, by their ``GPTConfig`` names."""
-        out = {
-            f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_ARCHITECTURE
-        }
-        return out | {"tie_embeddings": not self.untied}
+        return {name: getattr(self, name) for name in ARCHITECTURE}
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
-        """The model's ``GPTConfig``: every field of this section but the training-only ones
-        (``NOT_ARCHITECTURE``) goes to the ``GPTConfig`` field of the same name."""
-        same = self.architecture()
-        if unknown := sorted(set(same) - {f.name for f in fields(GPTConfig)}):
-            raise TypeError(f"ModelOptions fields {unknown} are not GPTConfig fields")
-        return GPTConfig(vocab_size=vocab_size, **same)
+        """The model's ``GPTConfig``: every architecture field of this section, by name."""
+        return GPTConfig(vocab_size=vocab_size, **self.architecture())
 
 
-# untied: the flag for tie_embeddings; zero_init: how init draws, not what the tree is
-NOT_ARCHITECTURE = ("dropout", "zero_init", "untied", "init_from")
+TRAINING_DEFAULTS = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128}
+"""A small model trains by default; GPTConfig itself has no default size."""
+
+TRAINING_ONLY = {
+    "dropout": (float, option(0.0, "dropout probability while training", low=0, below=1)),
+    "zero_init": (
+        bool, option(False, "start the residual output projections (w_o, w_out) at zero")
+    ),
+    "init_from": (
+        str | None,
+        option(
+            None, "fine-tune this pretrained model (Hugging Face folder or cached id); its "
+            "architecture is used and its tokenizer must be the data's"
+        ),
+    ),
+}  # fmt: skip
+"""Model options that are not the architecture: how training starts and runs."""
+
+
+def _architecture_fields() -> list[tuple[str, Any, Any]]:
+    """Every ``GPTConfig`` field but ``vocab_size``, with GPTConfig's help and checks."""
+    hints = typing.get_type_hints(GPTConfig)
+    out = []
+    for f in fields(GPTConfig):
+        if f.name == "vocab_size":
+            continue
+        default = TRAINING_DEFAULTS.get(f.name, f.default)
+        out.append((f.name, hints[f.name], field(default=default, metadata=f.metadata)))
+    return out
+
+
+ARCHITECTURE = tuple(name for name, _, _ in _architecture_fields())
+ModelOptions = dataclasses.make_dataclass(
+    "ModelOptions",
+    [*_architecture_fields(), *((name, *spec) for name, spec in TRAINING_ONLY.items())],
+    bases=(_ModelSection,),
+    namespace={"__doc__": _ModelSection.__doc__, "__module__": __name__},
+)
+"""The ``model`` section: derived from ``GPTConfig``'s fields, so a new architecture option is a
+flag and a TOML key with no edit here."""
 
 
 @dataclass
@@ -295,7 +264,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "speedrun": {  # measured option by option: docs/benchmarks.md, "Speedrun (issue 16)"
         "position": "rotary",
         "qk_norm": True,
-        "untied": True,
+        "tie_embeddings": False,
         "optimizer": "muon",
         "muon_lr": 0.05,
         "muon_momentum_warmup": 300,

@@ -13,8 +13,6 @@ from pathlib import Path
 from gptfn.checkpoint import read_meta
 from gptfn.files import atomic_write_text, remove_stale_temps
 
-__all__ = ["RUN_FILES", "RunExistsError", "check_run_dir", "clear_run", "clean_temps", "trim_log"]
-
 RUN_FILES = ("last.safetensors", "best.safetensors", "log.jsonl")
 DERIVED_FILES = ("curves.png",)  # written by ``gptfn plot`` from the log
 

@@ -20,8 +20,6 @@ import optree
 import torch
 from torch import Tensor
 
-__all__ = ["remat"]
-
 
 def remat(fn: Callable[[Any, Tensor], Tensor]) -> Callable[[Any, Tensor], Tensor]:
     """Wrap ``fn(params_subtree, x) -> y`` so that its activations are recomputed in backward

@@ -18,13 +18,11 @@ import torch
 
 from gptfn.data import load_meta, load_tokenizer, load_tokens
 from gptfn.data.tokenizers import Tokenizer, tokenizer_mismatch
-from gptfn.model import GPTConfig, config_of
-from gptfn.optim import OptionError
+from gptfn.model import GPTConfig
 from gptfn.pretrained import load_pretrained, load_pretrained_tokenizer
-from gptfn.train_config import NOT_ARCHITECTURE, ModelOptions, TrainConfig, recipe_section
-from gptfn.typing import Params
-
-__all__ = ["check_data_tokenizer", "pretrained_start", "with_pretrained_architecture"]
+from gptfn.settings import OptionError
+from gptfn.shapes import Params
+from gptfn.train.options import ARCHITECTURE, TrainConfig, recipe_section
 
 SAMPLE_TOKENS = 2048  # of each split, decoded and tokenized again by the model's tokenizer
 
@@ -45,8 +43,8 @@ def pretrained_start(cfg: TrainConfig, device: torch.device | str) -> tuple[Para
     load_meta(data_dir)  # a clear error when it is not prepared data
     tokenizer = load_tokenizer(data_dir / "tokenizer.json")
     params = load_pretrained(source, dtype=torch.float32, device=device)
-    check_data_tokenizer(source, tokenizer, data_dir, config_of(params).vocab_size)
-    return params, with_pretrained_architecture(cfg, config_of(params))
+    check_data_tokenizer(source, tokenizer, data_dir, GPTConfig.from_params(params).vocab_size)
+    return params, with_pretrained_architecture(cfg, GPTConfig.from_params(params))
 
 
 def check_data_tokenizer(
@@ -90,11 +88,7 @@ def with_pretrained_architecture(cfg: TrainConfig, model: GPTConfig) -> TrainCon
         that contradicts the model, with the model's value.
     """
     defaults = recipe_section("model", cfg.run.recipe)  # what the user did not choose
-    theirs = {
-        f.name: (not model.tie_embeddings) if f.name == "untied" else getattr(model, f.name)
-        for f in dataclasses.fields(ModelOptions)
-        if f.name not in NOT_ARCHITECTURE or f.name == "untied"
-    }
+    theirs = {name: getattr(model, name) for name in ARCHITECTURE}
     given = {
         name
         for name in theirs

@@ -24,8 +24,6 @@ from typing import Any
 
 from gptfn.optim.base import GradientTransformation, Schedule
 
-__all__ = ["is_user_optimizer", "load_user_optimizer", "user_optimizer"]
-
 _NAME = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 SPEC = re.compile(rf"({_NAME}):({_NAME})")
 FORM = "module.path:function (e.g. mypkg.mymodule:make_tx)"

@@ -17,10 +17,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from gptfn.model import forward
+from gptfn.shapes import Params
 from gptfn.tree import flatten, unflatten
-from gptfn.typing import Params
-
-__all__ = ["GPTModule"]
 
 
 class GPTModule(nn.Module):

@@ -47,17 +47,16 @@ from gptfn.distributed import (
     setup,
     teardown,
 )
-from gptfn.finetune import pretrained_start
-from gptfn.interrupt import StopSignal, TrainingInterrupted
-from gptfn.model import GPTConfig, config_of, init, loss
-from gptfn.optim import loss_scaling, make_optimizer, state_clash
-from gptfn.run_dir import check_run_dir, clean_temps, clear_run, trim_log
-from gptfn.train_config import TrainConfig
-from gptfn.train_log import TrainLog
-from gptfn.train_step import make_train_step
+from gptfn.model import GPTConfig, init, loss
+from gptfn.optim import loss_scaling
+from gptfn.train.finetune import pretrained_start
+from gptfn.train.interrupt import StopSignal, TrainingInterrupted
+from gptfn.train.log import TrainLog
+from gptfn.train.optimizer_options import make_optimizer, state_clash
+from gptfn.train.options import TrainConfig
+from gptfn.train.run_dir import check_run_dir, clean_temps, clear_run, trim_log
+from gptfn.train.step import make_train_step
 from gptfn.tree import param_count
-
-__all__ = ["TrainingInterrupted", "train"]
 
 Tree = Any
 BUILTIN_DATA = Path("data/shakespeare_char")
@@ -165,7 +164,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         vocab_size = load_meta(data_dir)["vocab_size"]
         model = cfg.model.gpt_config(vocab_size)
         params = init(model, cfg.run.seed, device=env.device, zero_out_proj=cfg.model.zero_init)
-    model_cfg = config_of(params)
+    model_cfg = GPTConfig.from_params(params)
     sharded = cfg.run.shard_optimizer and env.world_size > 1
     owners = assign_owners(params, env.world_size) if sharded else None
     mine = (lambda path, leaf: owners[path] == env.rank) if sharded else None

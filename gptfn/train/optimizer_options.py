@@ -1,19 +1,15 @@
 """The optimizer a training run asks for: settings, the learning-rate schedule, the factory.
 
 :class:`OptimizerConfig` is a dataclass whose fields carry one line of help and their allowed
-values (:func:`option`); ``gptfn train`` builds its flags and checks its TOML file from them, and
-:func:`check_option` gives the one error message every path shares. :func:`make_optimizer` turns
-the settings into a ``GradientTransformation`` (a built-in one, or a user's function named
-``module.path:function``, :mod:`gptfn.optim.user`); it knows nothing about models or the CLI.
+values (``gptfn.settings.option``); ``gptfn train`` builds its flags and checks its TOML file
+from them. :func:`make_optimizer` turns the settings into a ``GradientTransformation`` (a
+built-in one, or a user's function named ``module.path:function``,
+:mod:`gptfn.train.user_optimizer`); it knows nothing about models or the CLI.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-import types
-import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -28,122 +24,13 @@ from gptfn.optim.schedules import (
     warmup_stable_decay_schedule,
 )
 from gptfn.optim.transforms import clip_by_global_norm, set_to_zero
-from gptfn.optim.user import is_user_optimizer, load_user_optimizer, user_optimizer
-
-__all__ = [
-    "OPTIMIZERS",
-    "OptimizerConfig",
-    "OptionError",
-    "allowed_values",
-    "check_option",
-    "check_options",
-    "lr_schedule",
-    "make_optimizer",
-    "muon_momentum",
-    "option",
-    "state_clash",
-]
+from gptfn.settings import OptionError, check_options, option
+from gptfn.train.user_optimizer import is_user_optimizer, load_user_optimizer, user_optimizer
 
 OPTIMIZERS = ("adamw", "sgd", "lion", "muon")
 SCHEDULES = ("cosine", "wsd")
 USER_OPTIMIZER = "module.path:function (a user optimizer)"
 MUON_MOMENTUM_START = 0.85  # the speedrun's warm-up starts here
-
-
-# ----------------------------------------------------------------------------- options
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    choices: tuple[str, ...] | None = None,
-    low: float | None = None,
-    above: float | None = None,
-    below: float | None = None,
-    check: Callable[[Any], str | None] | None = None,
-) -> Any:
-    """A dataclass field with one line of ``help`` and its allowed values: ``choices``, or a
-    range (``low <= x``, ``above < x``, ``x < below``), or ``check(value) -> problem | None``."""
-    meta = {"help": help, "choices": choices, "low": low, "above": above, "below": below}
-    return dataclasses.field(default=default, metadata=meta | {"check": check})
-
-
-class OptionError(ValueError):
-    """A setting with a value it cannot have; ``str()`` names both and what is allowed."""
-
-    def __init__(self, name: str, value: Any, problem: str) -> None:
-        super().__init__(f"{name}: invalid value {value!r}: {problem}")
-        self.name, self.value, self.problem = name, value, problem
-
-
-def allowed_values(f: dataclasses.Field) -> str | None:
-    """The allowed values of an :func:`option` field, in words (None: any of its type)."""
-    meta = f.metadata
-    if meta.get("choices"):
-        return "one of " + ", ".join(meta["choices"])
-    parts = [
-        f"{op} {meta[key]:g}"
-        for key, op in (("low", ">="), ("above", ">"), ("below", "<"))
-        if meta.get(key) is not None
-    ]
-    return "must be " + " and ".join(parts) if parts else None
-
-
-@functools.cache
-def _types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(kind: Any, value: Any) -> Any:
-    """``value`` as ``kind`` (int, float, str, bool, or X | None), or raise TypeError."""
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        if value is None:
-            return None
-        kind = next(k for k in typing.get_args(kind) if k is not type(None))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is float and isinstance(value, float) and not math.isfinite(value):
-        raise TypeError("expected a finite number")
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-        raise TypeError(f"expected {names.get(kind, kind.__name__)}, got {type(value).__name__}")
-    return value
-
-
-def check_option(cls: type, name: str, value: Any) -> Any:
-    """``value`` checked (type, then allowed values) for field ``name`` of dataclass ``cls``;
-    returns it converted (an int where a float is expected becomes a float).
-
-    Raises:
-      OptionError: naming the field, the value and what is allowed.
-    """
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    try:
-        value = _coerce(_types(cls)[name], value)
-    except TypeError as err:
-        raise OptionError(name, value, str(err)) from None
-    if value is None:
-        return value
-    meta = f.metadata
-    bad = (
-        (meta.get("choices") and value not in meta["choices"])
-        or (meta.get("low") is not None and value < meta["low"])
-        or (meta.get("above") is not None and value <= meta["above"])
-        or (meta.get("below") is not None and value >= meta["below"])
-    )
-    if bad:
-        raise OptionError(name, value, allowed_values(f) or "not allowed")
-    problem = meta["check"](value) if meta.get("check") else None
-    if problem:
-        raise OptionError(name, value, problem)
-    return value
-
-
-def check_options(obj: Any) -> None:
-    """Check (and convert in place) every field of dataclass instance ``obj``."""
-    for f in dataclasses.fields(obj):
-        object.__setattr__(obj, f.name, check_option(type(obj), f.name, getattr(obj, f.name)))
 
 
 # ----------------------------------------------------------------------------- the optimizer
@@ -253,7 +140,7 @@ def make_optimizer(
     after gradient clipping.
 
     A user optimizer (``cfg.optimizer`` is ``module.path:function``) is called with the
-    schedule and the settings its signature names (see :mod:`gptfn.optim.user`).
+    schedule and the settings its signature names (see :mod:`gptfn.train.user_optimizer`).
 
     Args:
       cfg: the settings.

@@ -18,8 +18,6 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["hvp", "top_hessian_eigenvalues", "hutchinson_trace"]
-
 Tree = Any
 
 

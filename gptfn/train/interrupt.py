@@ -9,8 +9,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StopSignal", "TrainingInterrupted"]
-
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on a signal; ``checkpoint`` (None after a second signal) holds the

@@ -2,7 +2,7 @@
 
 The gradients come from ``torch.func.vjp`` of the loss (see ``grad_fn`` for why not
 ``grad_and_value``); the step has no side effects, so it composes with ``vmap``/``grad`` and
-``torch.compile``. The loop around it is :mod:`gptfn.loop`.
+``torch.compile``. The loop around it is :mod:`gptfn.train.loop`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from torch import Tensor
 
 import gptfn.optim as optim
 from gptfn.model import loss
-
-__all__ = ["DTYPES", "make_train_step"]
 
 Tree = Any
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

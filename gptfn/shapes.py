@@ -17,18 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 from beartype import beartype
-from jaxtyping import Float, Int, jaxtyped
-from torch import Tensor
-
-__all__ = [
-    "Float",
-    "Int",
-    "Params",
-    "Tensor",
-    "checked",
-    "runtime_checks_enabled",
-    "set_runtime_checks",
-]
+from jaxtyping import jaxtyped
 
 Params = dict[str, Any]
 """A parameter tree: nested dicts (and lists of blocks) whose leaves are tensors."""
