@@ -17,7 +17,10 @@ from typing import Any, TypeVar
 
 import torch
 from beartype import beartype
+from jaxtyping import Float as Float
+from jaxtyping import Int as Int
 from jaxtyping import jaxtyped
+from torch import Tensor as Tensor
 
 Params = dict[str, Any]
 """A parameter tree: nested dicts (and lists of blocks) whose leaves are tensors."""

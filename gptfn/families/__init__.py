@@ -1,10 +1,13 @@
 """Hugging Face model families, both ways: a config mapping and a weight converter each.
 
-Each family module (``gpt2``, ``llama``, ``qwen2``, ``neox``) has ``config_from_hf`` (a
-config.json dict -> ``GPTConfig``), ``config_to_hf`` (the reverse, or a ``ValueError`` naming
-what the family cannot hold), ``from_hf`` (state dict -> gptfn tree) and ``to_hf`` (tree ->
-state dict that loads with ``strict=True``). Adding a family is one module and one line in
-``FAMILIES``.
+Each family module (``gpt2``, ``llama``, ``qwen2``, ``neox``) has ``MAPS`` (the ``GPTConfig``
+fields its config.json carries), ``config_from_hf`` (a config.json dict -> ``GPTConfig``),
+``config_to_hf`` (the reverse, or a ``ValueError`` naming a mapped value it cannot hold),
+``from_hf`` (state dict -> gptfn tree) and ``to_hf`` (tree -> state dict that loads with
+``strict=True``). What no family has to do: refuse the fields it does not map
+(``common.refuse_unmapped`` refuses, by name, every such field not at its default, including
+fields added later) and check that the export wrote every leaf (``common.TrackedTree``).
+Adding a family is one module and one line in ``FAMILIES``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from gptfn.families import gpt2, llama, neox, qwen2
+from gptfn.families.common import TrackedTree, refuse_unmapped
 from gptfn.families.gpt2 import from_hf_gpt2
 from gptfn.model import GPTConfig, check_params
 from gptfn.shapes import Params, Tensor
@@ -64,14 +68,20 @@ def from_hf(state_dict: dict[str, Tensor], config: Any) -> Params:
     return params
 
 
+def _config_to_hf(fam: ModuleType, cfg: GPTConfig) -> dict[str, Any]:
+    """``fam``'s config.json for ``cfg``, after refusing every field it does not map."""
+    refuse_unmapped(cfg, fam.NAME, fam.MAPS)
+    return fam.config_to_hf(cfg)
+
+
 def _family_for(cfg: GPTConfig, model_type: str | None) -> tuple[ModuleType, dict[str, Any]]:
     if model_type is not None:
         fam = family(model_type)
-        return fam, fam.config_to_hf(cfg)
+        return fam, _config_to_hf(fam, cfg)
     reasons = []
     for fam in FAMILIES.values():
         try:
-            return fam, fam.config_to_hf(cfg)
+            return fam, _config_to_hf(fam, cfg)
         except ValueError as err:
             reasons.append(str(err))
     raise ValueError("no Hugging Face family fits this model: " + "; ".join(reasons))
@@ -88,7 +98,14 @@ def to_hf(params: Params, model_type: str | None = None) -> dict[str, Tensor]:
     the matching ``*ForCausalLM`` with ``strict=True``."""
     cfg = GPTConfig.from_params(params)
     fam, _ = _family_for(cfg, model_type)
-    return fam.to_hf(params, cfg)
+    tracked = TrackedTree(params)
+    state_dict = fam.to_hf(tracked, cfg)
+    if unread := tracked.unread(params):
+        raise ValueError(
+            f"{fam.NAME} export would drop the leaves {unread[:6]}"
+            f"{' ...' if len(unread) > 6 else ''}: {fam.ARCHITECTURE} has no place for them"
+        )
+    return state_dict
 
 
 def to_hf_gpt2(params: Params) -> dict[str, Tensor]:

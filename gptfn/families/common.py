@@ -4,9 +4,11 @@ a state dict was used."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import optree
 import torch
 from einops import rearrange
 
@@ -120,6 +122,24 @@ def activation(name: str, table: dict[str, str], family: str) -> str:
     return table[name]
 
 
+def refuse_unmapped(cfg: GPTConfig, family: str, maps: frozenset[str]) -> None:
+    """Raise ``ValueError`` naming every field of ``cfg`` that ``family`` does not map (not in
+    ``maps``) and that is not at its default (the default given the mapped fields, so derived
+    fields such as ``n_kv_head = n_head`` count as default). Every ``GPTConfig`` field is
+    checked, including fields added after the family was written."""
+    names = [f.name for f in dataclasses.fields(GPTConfig)]
+    if unknown := sorted(maps - set(names)):
+        raise TypeError(f"{family} maps fields GPTConfig does not have: {unknown}")
+    default = GPTConfig(**{name: getattr(cfg, name) for name in maps})
+    wrong = [
+        f"{name}={getattr(cfg, name)!r} (needs {getattr(default, name)!r})"
+        for name in names
+        if name not in maps and getattr(cfg, name) != getattr(default, name)
+    ]
+    if wrong:
+        raise ValueError(f"{family} cannot hold {', '.join(wrong)}")
+
+
 def require(cfg: GPTConfig, family: str, wanted: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming every field of ``cfg`` that ``family`` cannot express."""
     wrong = [
@@ -164,3 +184,39 @@ def norm_out(p: Params, prefix: str, *, bias: bool = False) -> dict[str, Tensor]
 def zeros_if_none(b: Tensor | None, like: Tensor, width: int) -> Tensor:
     """A bias, or zeros of ``width`` (for formats that always store a bias)."""
     return b if b is not None else like.new_zeros(width)
+
+
+class TrackedTree(dict):
+    """A read-only view of a parameter tree that records which leaves were read, so an export
+    can fail naming the leaves it would have dropped (:meth:`unread`)."""
+
+    def __init__(self, tree: dict[str, Any], read: set[str] | None = None, prefix: str = ""):
+        super().__init__(tree)
+        self.read, self.prefix = set() if read is None else read, prefix
+
+    def _wrap(self, key: Any, value: Any) -> Any:
+        path = f"{self.prefix}{key}"
+        if isinstance(value, dict):
+            return TrackedTree(value, self.read, path + ".")
+        if isinstance(value, list):
+            return [self._wrap(f"{key}.{i}", v) for i, v in enumerate(value)]
+        if isinstance(value, torch.Tensor):
+            self.read.add(path)
+        return value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._wrap(key, super().__getitem__(key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default  # noqa: SIM401 (self.get would recurse)
+
+    def values(self) -> Iterator[Any]:  # type: ignore[override]
+        return (self[key] for key in self)
+
+    def items(self) -> Iterator[tuple[str, Any]]:  # type: ignore[override]
+        return ((key, self[key]) for key in self)
+
+    def unread(self, tree: dict[str, Any]) -> list[str]:
+        """The leaf paths of ``tree`` that were never read through this view."""
+        paths = [".".join(map(str, p)) for p in optree.tree_paths(tree)]
+        return sorted(set(paths) - self.read)

@@ -17,6 +17,12 @@ from gptfn.model import GPTConfig
 from gptfn.shapes import Params, Tensor
 
 MODEL_TYPE = "gpt2"
+NAME = "GPT-2"
+MAPS = frozenset({
+    "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "d_mlp", "mlp", "norm_eps",
+    "tie_embeddings", "bias", "norm_bias", "mlp_bias", "qkv_bias",
+})  # fmt: skip
+"""The GPTConfig fields a GPT-2 config.json carries (absent biases are written as zeros)."""
 ARCHITECTURE = "GPT2LMHeadModel"
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
@@ -40,12 +46,7 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
 
 def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
     """A GPT-2 config.json for ``cfg`` (ValueError if GPT-2 cannot express it)."""
-    require(
-        cfg, "GPT-2",
-        {"position": "learned", "norm": "layernorm", "mlp": ("gelu_tanh", "gelu"),
-         "n_kv_head": cfg.n_head, "d_head": cfg.n_embd // cfg.n_head, "qk_norm": False,
-         "parallel_residual": False, "logit_softcap": None},
-    )  # fmt: skip
+    require(cfg, NAME, {"mlp": ("gelu_tanh", "gelu")})
     return {
         "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE],
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_layer": cfg.n_layer,

@@ -27,6 +27,13 @@ from gptfn.model import GPTConfig
 from gptfn.shapes import Params, Tensor
 
 MODEL_TYPE = "llama"
+NAME = "Llama"
+MAPS = frozenset({
+    "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "d_head", "d_mlp",
+    "position", "rope_theta", "rotary_fraction", "rope_scaling", "norm", "norm_eps", "norm_bias",
+    "mlp", "bias", "qkv_bias", "mlp_bias", "tie_embeddings",
+})  # fmt: skip
+"""The GPTConfig fields a Llama (or Qwen2) config.json carries."""
 ARCHITECTURE = "LlamaForCausalLM"
 ACTIVATIONS = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
 
@@ -62,10 +69,9 @@ def config_from_hf(hf: dict[str, Any], family: str = "Llama") -> GPTConfig:
 def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
     """A Llama config.json for ``cfg`` (ValueError if Llama cannot express it)."""
     require(
-        cfg, "Llama",
+        cfg, NAME,
         {"position": "rotary", "rotary_fraction": 1.0, "norm": "rmsnorm", "norm_bias": False,
-         "mlp": ("swiglu", "geglu"), "qkv_bias": cfg.bias, "qk_norm": False,
-         "parallel_residual": False, "logit_softcap": None},
+         "mlp": ("swiglu", "geglu"), "qkv_bias": cfg.bias},
     )  # fmt: skip
     return {
         "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **_common_to_hf(cfg),

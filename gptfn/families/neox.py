@@ -27,6 +27,14 @@ from gptfn.model import GPTConfig
 from gptfn.shapes import Params, Tensor
 
 MODEL_TYPE = "gpt_neox"
+NAME = "GPT-NeoX"
+MAPS = frozenset({
+    "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "d_mlp", "position", "rope_theta",
+    "rotary_fraction", "norm", "norm_eps", "norm_bias", "mlp", "mlp_bias", "bias", "qkv_bias",
+    "parallel_residual", "tie_embeddings",
+})  # fmt: skip
+"""The GPTConfig fields a GPT-NeoX config.json carries (absent norm and MLP biases are written
+as zeros)."""
 ARCHITECTURE = "GPTNeoXForCausalLM"
 FILE_NAMES = {"lm_head.weight": "embed_out.weight"}
 """Keys written under their older names in model.safetensors (what Pythia's files use; every
@@ -67,10 +75,9 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
 def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
     """A GPT-NeoX config.json for ``cfg`` (ValueError if GPT-NeoX cannot express it)."""
     require(
-        cfg, "GPT-NeoX",
-        {"position": "rotary", "rope_scaling": None, "norm": "layernorm",
-         "mlp": ("gelu", "gelu_tanh"), "n_kv_head": cfg.n_head, "d_head": cfg.n_embd // cfg.n_head,
-         "qkv_bias": cfg.bias, "qk_norm": False, "logit_softcap": None},
+        cfg, NAME,
+        {"position": "rotary", "norm": "layernorm", "mlp": ("gelu", "gelu_tanh"),
+         "qkv_bias": cfg.bias},
     )  # fmt: skip
     return {
         "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE],

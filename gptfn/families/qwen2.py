@@ -11,6 +11,8 @@ from gptfn.model import GPTConfig
 from gptfn.shapes import Params, Tensor
 
 MODEL_TYPE = "qwen2"
+NAME = "Qwen2"
+MAPS = llama.MAPS
 ARCHITECTURE = "Qwen2ForCausalLM"
 
 
@@ -30,10 +32,9 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
 def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
     """A Qwen2 config.json for ``cfg`` (ValueError if Qwen2 cannot express it)."""
     require(
-        cfg, "Qwen2",
+        cfg, NAME,
         {"position": "rotary", "rotary_fraction": 1.0, "norm": "rmsnorm", "norm_bias": False,
-         "mlp": ("swiglu", "geglu"), "qkv_bias": True, "bias": False, "mlp_bias": False,
-         "qk_norm": False, "parallel_residual": False, "logit_softcap": None},
+         "mlp": ("swiglu", "geglu"), "qkv_bias": True, "bias": False, "mlp_bias": False},
     )  # fmt: skip
     return {
         "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **llama._common_to_hf(cfg),

@@ -20,6 +20,7 @@ This module gathers the names a user imports: ``from gptfn.train import TrainCon
 
 from __future__ import annotations
 
+from gptfn.optim import loss_scaling
 from gptfn.train.interrupt import TrainingInterrupted
 from gptfn.train.loop import train
 from gptfn.train.optimizer_options import (
@@ -46,6 +47,7 @@ __all__ = [
     "RunOptions",
     "TrainConfig",
     "TrainingInterrupted",
+    "loss_scaling",
     "lr_schedule",
     "make_optimizer",
     "make_train_step",
