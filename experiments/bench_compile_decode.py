@@ -39,7 +39,7 @@ def default_model(block: int) -> dict:
     return gptfn.init(cfg, seed=0)
 
 
-SAMPLING = dict(temperature=0.8, top_k=20, seed=0, sliding_window=True)
+SAMPLING = dict(temperature=0.8, top_k=20, seed=0, roll_context=True)
 
 
 def baseline_seconds(checkout: str, block: int, batch: int, new_tokens: int) -> float:

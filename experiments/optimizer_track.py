@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 import gptfn
-import gptfn.optim as optim
 import gptfn.train.optimizer_options as train_options
 from gptfn.data import load_meta, load_tokens, prepare, random_batch, shakespeare
 from gptfn.train import make_train_step

@@ -17,8 +17,8 @@ import torch
 
 import gptfn
 import gptfn.optim as optim
-from gptfn.research.curvature import top_hessian_eigenvalues
 from gptfn.data import CharTokenizer, random_batch, shakespeare
+from gptfn.research.curvature import top_hessian_eigenvalues
 
 
 def main() -> None:

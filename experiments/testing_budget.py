@@ -22,7 +22,17 @@ from hypothesis import Phase, given, seed, settings
 from hypothesis import strategies as st
 
 import gptfn
-from gptfn.model import attend, attention_out, attention_qkv, embed, layer_norm, mlp, unembed
+from gptfn.model import (
+    Context,
+    GPTConfig,
+    attend,
+    attention_out,
+    attention_qkv,
+    embed,
+    layer_norm,
+    mlp,
+    unembed,
+)
 from gptfn.testing import (
     assert_batch_independent,
     assert_causal,
@@ -42,7 +52,7 @@ def forward_with_mask(params, toks, diagonal: int):
     for p in params["blocks"]:
         z = attend(*attention_qkv(p["attn"], layer_norm(p["ln_1"], x)), mask=mask)
         x = x + attention_out(p["attn"], z)
-        x = x + mlp(p["mlp"], layer_norm(p["ln_2"], x))
+        x = x + mlp(p["mlp"], layer_norm(p["ln_2"], x), Context(GPTConfig.from_params(params)))
     return unembed(params, x)
 
 

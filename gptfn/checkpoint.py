@@ -19,9 +19,7 @@ from safetensors.torch import load_file, save_file
 from gptfn.data.tokenizers import Tokenizer, tokenizer_from_json
 from gptfn.files import atomic_write
 from gptfn.model import GPTConfig, check_params
-from gptfn.tree import flatten, unflatten
-
-Tree = Any
+from gptfn.tree import Tree, flatten, unflatten
 
 
 def _opt_paths(state: Tree) -> tuple[list[str], list[torch.Tensor], Any]:

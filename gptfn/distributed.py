@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-Tree = Any
+from gptfn.tree import Tree
+
 BUCKET_BYTES = 32 * 2**20
 
 

@@ -143,6 +143,38 @@ def bleu_continuations(
     }
 
 
+def _read_source(
+    tokenizer: Tokenizer, data: str | Path | None, text: str | Path | None
+) -> tuple[np.ndarray, str, str, list[int]]:
+    """``(ids, raw text, source name, leading special ids)`` of prepared ``data`` (its
+    validation split) or a ``text`` file; exactly one must be given."""
+    if (data is None) == (text is None):
+        raise ValueError("give one of data (a prepared directory) or text (a file)")
+    lead: list[int] = []
+    if text is not None:
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"no text file {path}")
+        raw = path.read_text(encoding="utf-8")
+        lead = tokenizer.leading_ids() if hasattr(tokenizer, "leading_ids") else []
+        ids = np.asarray(lead + tokenizer.encode(raw), dtype=np.int64)
+        source = str(path)
+    else:
+        data_dir = Path(data)
+        load_meta(data_dir)  # a clear error when it is not prepared data
+        theirs = load_tokenizer(data_dir / "tokenizer.json")
+        if theirs.to_json() != tokenizer.to_json() and (
+            problem := tokenizer_mismatch(theirs, tokenizer)
+        ):
+            raise ValueError(
+                f"{data_dir} was prepared with another tokenizer than the model's: {problem}"
+            )
+        ids = np.asarray(load_tokens(data_dir, "val"), dtype=np.int64)
+        raw = tokenizer.decode(ids.tolist())
+        source = f"{data_dir}/val.bin"
+    return ids, raw, source, lead
+
+
 def evaluate(
     params: Params,
     tokenizer: Tokenizer,
@@ -170,30 +202,7 @@ def evaluate(
     Returns:
       ``source``, ``stride``, mean NLL, perplexity, bits per token / char / byte, tokens...
     """
-    if (data is None) == (text is None):
-        raise ValueError("give one of data (a prepared directory) or text (a file)")
-    lead: list[int] = []
-    if text is not None:
-        path = Path(text)
-        if not path.is_file():
-            raise FileNotFoundError(f"no text file {path}")
-        raw = path.read_text(encoding="utf-8")
-        lead = tokenizer.leading_ids() if hasattr(tokenizer, "leading_ids") else []
-        ids = np.asarray(lead + tokenizer.encode(raw), dtype=np.int64)
-        source = str(path)
-    else:
-        data_dir = Path(data)
-        load_meta(data_dir)  # a clear error when it is not prepared data
-        theirs = load_tokenizer(data_dir / "tokenizer.json")
-        if theirs.to_json() != tokenizer.to_json() and (
-            problem := tokenizer_mismatch(theirs, tokenizer)
-        ):
-            raise ValueError(
-                f"{data_dir} was prepared with another tokenizer than the model's: {problem}"
-            )
-        ids = np.asarray(load_tokens(data_dir, "val"), dtype=np.int64)
-        raw = tokenizer.decode(ids.tolist())
-        source = f"{data_dir}/val.bin"
+    ids, raw, source, lead = _read_source(tokenizer, data, text)
     if len(ids) < 2:
         raise ValueError(f"{source} is {len(ids)} token(s) long: nothing to score")
     total, count = token_nll(params, ids, stride, batch_size, compile)

@@ -24,6 +24,7 @@ first real token) and an attention mask that hides its padding, so padding never
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -258,6 +259,27 @@ def _cache_length(need: int, block_size: int, compiled: bool) -> int:
     return min(block_size, need)
 
 
+def _checked_prompts(
+    params: Params, prompts: Prompts, max_new_tokens: int, roll_context: bool, sampling: tuple
+) -> list[list[int]]:
+    """The prompts as id lists, after checking them and the sampling settings; with
+    ``roll_context`` a prompt longer than the context keeps its latest block_size - 1 ids."""
+    rows = _as_prompts(prompts)
+    if not rows or any(len(p) == 0 for p in rows):
+        raise ValueError("every prompt needs at least one token (and there must be a prompt)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(*sampling)
+    block_size = GPTConfig.from_params(params).block_size
+    longest = max(len(p) for p in rows)
+    if longest + max_new_tokens > block_size and not roll_context:
+        raise ValueError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context "
+            f"(block_size {block_size}); shorten it or pass roll_context=True"
+        )
+    return [p[-(block_size - 1) :] for p in rows] if longest > block_size else rows
+
+
 @torch.no_grad()
 def generate_stream(
     params: Params,
@@ -269,7 +291,7 @@ def generate_stream(
     top_p: float | None = None,
     seed: int | None = None,
     eos_token_id: int | None = None,
-    sliding_window: bool = False,
+    roll_context: bool = False,
     compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, one new token for each prompt (None for rows already stopped at EOS).
@@ -284,64 +306,64 @@ def generate_stream(
       top_p: sample only from the smallest set of tokens whose probability reaches ``top_p``.
       seed: seed of the sampling generator (same seed, same output).
       eos_token_id: a row stops after generating this id (it is included).
-      sliding_window: past the context, keep generating over the latest block_size - 1 tokens
+      roll_context: past the context, keep generating over the latest block_size - 1 tokens
         (otherwise running past the context is an error).
       compile: run prefill and decode steps through ``torch.compile`` (see
         :func:`compiled_steps`); the same tokens as without, faster after the first call.
     """
-    prompts = _as_prompts(prompts)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (and there must be a prompt)")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    _check_sampling(temperature, top_k, top_p)
-    block_size = GPTConfig.from_params(params).block_size
-    device = params["wte"].device
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > block_size and not sliding_window:
-        raise ValueError(
-            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context "
-            f"(block_size {block_size}); shorten it or pass sliding_window=True"
-        )
-    if longest > block_size:
-        prompts = [p[-(block_size - 1) :] for p in prompts]  # sliding: keep the latest tokens
+    history = _checked_prompts(
+        params, prompts, max_new_tokens, roll_context, (temperature, top_k, top_p)
+    )
+    device, block_size = params["wte"].device, GPTConfig.from_params(params).block_size
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     sampling = (torch.tensor(float(temperature), device=device), top_k, top_p)
-    greedy = temperature == 0 or top_k == 1
-    prefill_fn, decode_fn = (
-        compiled_steps() if compile else (_prefill_and_sample, _decode_and_sample)
-    )
+    greedy, batch = temperature == 0 or top_k == 1, len(history)
+    steps = compiled_steps() if compile else (_prefill_and_sample, _decode_and_sample)
     params = decode_layout(params)
-    history = [list(p) for p in prompts]
-    tokens, pad = _left_pad(history, device)
-    batch, width = len(prompts), _cache_length(longest + max_new_tokens, block_size, compile)
+    width = _cache_length(max(map(len, history)) + max_new_tokens, block_size, compile)
 
-    def uniform() -> Tensor:
-        if greedy:
-            return torch.zeros(batch, device=device)
-        return torch.rand(batch, generator=generator, device=device)
+    uniform = functools.partial(_uniform, batch, device, greedy, generator)
 
-    cache = init_cache(params, batch, width, pad)
-    nxt, cache = prefill_fn(params, tokens, cache, uniform(), *sampling)
-    filled, done = tokens.shape[1], [False] * batch
+    def prefill(keep: int) -> tuple[Tensor, Cache, int]:  # the cache over the latest tokens
+        tokens, pad = _left_pad([h[-keep:] for h in history], device)
+        cache = init_cache(params, batch, width, pad)
+        nxt, cache = steps[0](params, tokens, cache, uniform(), *sampling)
+        return nxt, cache, tokens.shape[1]
+
+    nxt, cache, filled = prefill(block_size)
+    done = [False] * batch
     for step in range(max_new_tokens):
-        out: list[int | None] = []
-        for i, t in enumerate(nxt.tolist()):
-            out.append(None if done[i] else t)
-            if not done[i]:
-                history[i].append(t)
-                done[i] = t == eos_token_id
-        yield out
+        yield _record(nxt.tolist(), history, done, eos_token_id)
         if all(done) or step == max_new_tokens - 1:
             return
         if filled == width:  # full: rebuild over a window
-            tokens, pad = _left_pad([h[-(block_size - 1) :] for h in history], device)
-            cache = init_cache(params, batch, width, pad)
-            nxt, cache = prefill_fn(params, tokens, cache, uniform(), *sampling)
-            filled = tokens.shape[1]
+            nxt, cache, filled = prefill(block_size)
         else:
-            nxt, cache = decode_fn(params, nxt, cache, uniform(), *sampling)
+            nxt, cache = steps[1](params, nxt, cache, uniform(), *sampling)
             filled += 1
+
+
+def _uniform(
+    batch: int, device: torch.device, greedy: bool, generator: torch.Generator | None
+) -> Tensor:
+    """One uniform draw per row for sampling (zeros when greedy: nothing is drawn)."""
+    if greedy:
+        return torch.zeros(batch, device=device)
+    return torch.rand(batch, generator=generator, device=device)
+
+
+def _record(
+    ids: list[int], history: list[list[int]], done: list[bool], eos_token_id: int | None
+) -> list[int | None]:
+    """One step's tokens, None for rows already stopped; appends to ``history`` and marks rows
+    that just produced ``eos_token_id`` as done."""
+    out: list[int | None] = []
+    for i, t in enumerate(ids):
+        out.append(None if done[i] else t)
+        if not done[i]:
+            history[i].append(t)
+            done[i] = t == eos_token_id
+    return out
 
 
 def generate(

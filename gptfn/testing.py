@@ -32,10 +32,7 @@ from torch import Tensor
 
 from gptfn.model import GPTConfig, init
 from gptfn.model.config import MLPS, NORMS, POSITIONS
-from gptfn.tree import flatten, unstack
-
-Tree = Any
-
+from gptfn.tree import Tree, flatten, unstack
 
 # ----------------------------------------------------------------------------- strategies
 

@@ -196,7 +196,7 @@ def test_architecture_flags_train_a_variant_that_exports(tmp_path, capsys):
     prepare(text, tmp_path / "data", "char")
     run = tmp_path / "run"
     variant = ["--position", "rotary", "--norm", "rmsnorm", "--mlp", "swiglu", "--n-kv-head", "1",
-               "--untied", "--no-bias", "--rope-theta", "500", "--norm-eps", "1e-6",
+               "--no-tie-embeddings", "--no-bias", "--rope-theta", "500", "--norm-eps", "1e-6",
                "--no-qk-norm"]  # Llama has none; the speedrun recipe turns it on  # fmt: skip
     args = ["train", "--data", str(tmp_path / "data"), *TINY, "--max-steps", "2"]
     out = command(*args, "--out", str(run), *variant)

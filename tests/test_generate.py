@@ -103,7 +103,7 @@ def test_context_overflow_is_an_error_unless_sliding(model):
     prompt = list(range(20))
     with pytest.raises(ValueError, match="exceeds the context"):
         generate(model, [prompt], 10)
-    out = generate(model, [prompt], 10, temperature=0, sliding_window=True)
+    out = generate(model, [prompt], 10, temperature=0, roll_context=True)
     assert len(out[0]) == 10
     # after the window slides, the next token is what a full forward over the last window gives
     history = prompt + out[0]

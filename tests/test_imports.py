@@ -13,7 +13,7 @@ import pytest
 
 import gptfn
 
-NOT_IMPORTED = {"__main__", "cli", "cli_models"}  # the face imports the library, not back
+NOT_IMPORTED = {"__main__", "cli"}  # the face imports the library, not back
 SHADOWED: set[str] = set()  # no module is hidden by a function of the same name
 
 
@@ -45,7 +45,7 @@ def fresh() -> dict:
 
 
 def test_every_module_is_an_attribute_after_plain_import(fresh):
-    assert {"inspect", "curvature", "testing", "evaluate", "data", "optim"} <= set(MODULES)
+    assert {"research", "train", "testing", "evaluate", "data", "optim", "model"} <= set(MODULES)
     wrong = {n: k for n, k in fresh["kinds"].items() if k != "module" and n not in SHADOWED}
     assert not wrong, f"not reachable as modules after `import gptfn`: {wrong}"
     assert not fresh["missing"], f"names in gptfn.__all__ that do not resolve: {fresh['missing']}"
@@ -64,3 +64,22 @@ def test_all_lists_the_research_entry_points_once():
     assert gptfn.run_with_cache is gptfn.research.interp.run_with_cache
     assert gptfn.hvp is gptfn.research.curvature.hvp
     assert all(hasattr(gptfn.optim, n) for n in gptfn.optim.__all__)
+
+
+def test_no_module_shadows_the_standard_library_and_all_lives_in_packages():
+    """``from gptfn import *`` after ``import typing, inspect`` must leave them the stdlib's:
+    no gptfn module has a standard-library name, and ``__all__`` is declared only by
+    packages (``__init__.py``), never by the modules inside them."""
+    stdlib = set(sys.stdlib_module_names)
+    modules = list(pkgutil.walk_packages(gptfn.__path__, "gptfn."))
+    shadowing = [m.name for m in modules if m.name.rsplit(".", 1)[-1] in stdlib]
+    assert not shadowing, f"modules named like the standard library: {shadowing}"
+    assert not {"typing", "inspect"} & set(gptfn.__all__)
+    declaring = []
+    for m in modules:
+        if m.ispkg or m.name.endswith("__main__"):
+            continue
+        text = open(pkgutil.get_loader(m.name).get_filename(), encoding="utf-8").read()
+        if "\n__all__ = " in text:
+            declaring.append(m.name)
+    assert not declaring, f"__all__ outside package __init__ files: {declaring}"

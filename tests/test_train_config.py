@@ -113,7 +113,7 @@ def test_every_flag_is_a_toml_key(tmp_path):
         for s in a.option_strings
         if s.startswith("--") and not s.startswith("--no-") and s not in ("--help", "--config")
     ]
-    assert "sample-tokens" in flags and "untied" in flags and "muon-lr" in flags
+    assert "sample-tokens" in flags and "no-tie-embeddings" in flags and "muon-lr" in flags
     lines = [f"{flag} = {_toml_value(defaults[flag.replace('-', '_')])}" for flag in flags]
     path = tmp_path / "all.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -125,7 +125,7 @@ def test_every_flag_is_a_toml_key(tmp_path):
 def test_architecture_keys_in_toml_reach_the_model(tmp_path):
     path = tmp_path / "llama.toml"
     path.write_text('recipe = "gpt2"\n[model]\nposition = "rotary"\nnorm = "rmsnorm"\n'
-                    'mlp = "swiglu"\nn-kv-head = 2\nqk-norm = true\nuntied = true\nbias = false\n'
+                    'mlp = "swiglu"\nn-kv-head = 2\nqk-norm = true\ntie-embeddings = false\nbias = false\n'
                     "qkv_bias = true\nrope-theta = 500\n")  # fmt: skip
     model = TrainConfig.from_dict(load_toml(path)).model.gpt_config(vocab_size=50)
     assert model == GPTConfig(
@@ -188,7 +188,7 @@ def test_sections_hold_every_option_once_with_help():
         TrainConfig.from_dict({"lr": 0})
     with pytest.raises(OptionError, match="n_layer: invalid value 0"):
         cfg.replace(n_layer=0)
-    assert cfg.replace(untied=True).model.gpt_config(50).tie_embeddings is False
+    assert cfg.replace(tie_embeddings=False).model.gpt_config(50).tie_embeddings is False
     model = cfg.replace(n_layer=3, n_head=2, n_embd=8, block_size=9, bias=False).model
     assert model.gpt_config(50) == GPTConfig(50, 9, 3, 2, 8, bias=False)
 

@@ -58,7 +58,7 @@ def print_samples(
 
     lead = tok.leading_ids() if hasattr(tok, "leading_ids") else []
     ids = [lead + tok.encode(p) for p in prompts]
-    kwargs = dict(sampling, sliding_window=True, eos_token_id=getattr(tok, "eos_token_id", None))
+    kwargs = dict(sampling, roll_context=True, eos_token_id=getattr(tok, "eos_token_id", None))
     if not stream:
         outputs = generate(params, ids, max_new, **kwargs)
     else:

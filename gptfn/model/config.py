@@ -69,7 +69,8 @@ class GPTConfig:
     )
     rope_scaling: tuple[float, float, float, int] | None = option(
         None,
-        "Llama-3.1 rotary scaling: factor,low_freq_factor,high_freq_factor,original_context",
+        "Llama 3.1 rotary scaling, four numbers: factor, low_freq_factor, high_freq_factor, "
+        "original context (flag: comma-separated)",
         check=_llama3_scaling_problem,
     )
     norm: str = option("layernorm", "normalisation", choices=NORMS)

@@ -157,11 +157,9 @@ def muon(
     """Muon (Jordan et al., 2024) on hidden matrices, AdamW on everything else.
 
     The ``muon_mask``'d leaves get momentum, Newton–Schulz orthogonalisation and the shape
-    scale ``sqrt(max(1, fan_out / fan_in))`` (see ``scale_by_muon``; the fan-in axes follow
-    gptfn's [in, out] layout, 3-D attention weights included), then ``-learning_rate``. The rest
-    (embeddings, biases, norms) get AdamW with ``adam_learning_rate``. Differs from optax's
-    ``muon``: the momentum is torch-style ``g + momentum * m`` (equivalent after the
-    normalisation; see ``scale_by_muon``).
+    scale ``sqrt(max(1, fan_out / fan_in))`` (``scale_by_muon``; fan-in axes in gptfn's [in,
+    out] layout), then ``-learning_rate``; the rest (embeddings, biases, norms) get AdamW.
+    Unlike optax's ``muon``, the momentum is torch-style ``g + momentum * m``.
 
     Args:
       learning_rate: Muon's learning rate (number or schedule).
@@ -169,12 +167,10 @@ def muon(
       nesterov: Orthogonalise the Nesterov direction ``g + momentum * m``.
       ns_steps: Newton–Schulz iterations.
       adam_learning_rate: AdamW's learning rate for the other leaves.
-      b1: AdamW's first-moment decay.
-      b2: AdamW's second-moment decay.
+      b1, b2: AdamW's first- and second-moment decays.
       weight_decay: Decoupled weight decay on both parts (AdamW's on its >=2-D leaves only).
       muon_mask: Predicate ``(path, leaf) -> bool`` choosing Muon's leaves.
-      eps: Newton–Schulz's guard against a zero norm.
-      adam_eps: AdamW's epsilon.
+      eps, adam_eps: Newton–Schulz's guard against a zero norm; AdamW's epsilon.
       fan_in_axes: ``(path, leaf) -> fan-in axes`` for Muon's shape scale; the default is
         gptfn's layout (``leading_fan_in_axes``).
 

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from gptfn.tracing import inside_transform, is_compiling
+from gptfn.tree import Tree
 
-Tree = Any
 Scalar = float | Tensor
 Schedule = Callable[[Tensor], Tensor]
 """A function of the 0-d step count (a tensor) returning a 0-d tensor; gptfn's schedules return

@@ -10,9 +10,8 @@ from torch import Tensor
 
 from gptfn.optim.base import GradientTransformation
 from gptfn.tracing import is_compiling
-from gptfn.tree import flatten
+from gptfn.tree import Tree, flatten
 
-Tree = Any
 MaskSpec = Tree | Callable[[str, Tensor], bool]
 """A boolean tree shaped like the params, or a predicate ``(dotted_path, leaf) -> bool``."""
 

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from gptfn.optim.base import GradientTransformation
-
-Tree = Any
+from gptfn.tree import Tree
 
 
 class InjectHyperparamsState(NamedTuple):

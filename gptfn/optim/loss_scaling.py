@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import optree
 import torch
 
 from gptfn.optim.base import GradientTransformation
-from gptfn.tree import global_norm
-
-Tree = Any
+from gptfn.tree import Tree, global_norm
 
 
 def loss_scaling(

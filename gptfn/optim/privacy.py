@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import optree
 import torch
 from torch import Tensor
 
 from gptfn.optim.base import GradientTransformation
-
-Tree = Any
+from gptfn.tree import Tree
 
 
 def per_example_global_norms(grads: Tree) -> Tensor:

@@ -16,9 +16,7 @@ import torch
 from torch import Tensor
 
 from gptfn.optim.base import GradientTransformation, Scalar, Schedule, leaf_ops, scalar_dtype
-from gptfn.tree import flatten
-
-Tree = Any
+from gptfn.tree import Tree, flatten
 
 
 def _count() -> Tensor:

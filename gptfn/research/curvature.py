@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import optree
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-Tree = Any
+from gptfn.tree import Tree
 
 
 def hvp(f: Callable[[Tree], Tensor], params: Tree, v: Tree) -> Tree:

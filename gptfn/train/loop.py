@@ -56,9 +56,8 @@ from gptfn.train.optimizer_options import make_optimizer, state_clash
 from gptfn.train.options import TrainConfig
 from gptfn.train.run_dir import check_run_dir, clean_temps, clear_run, trim_log
 from gptfn.train.step import make_train_step
-from gptfn.tree import param_count
+from gptfn.tree import Tree, param_count
 
-Tree = Any
 BUILTIN_DATA = Path("data/shakespeare_char")
 
 

@@ -18,8 +18,8 @@ from torch import Tensor
 
 import gptfn.optim as optim
 from gptfn.model import loss
+from gptfn.tree import Tree
 
-Tree = Any
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
