@@ -164,8 +164,7 @@ def muon(
     Args:
       learning_rate: Muon's learning rate (number or schedule).
       momentum: Muon's momentum decay (a number, or a schedule of the step count).
-      nesterov: Orthogonalise the Nesterov direction ``g + momentum * m``.
-      ns_steps: Newton–Schulz iterations.
+      nesterov, ns_steps: Orthogonalise ``g + momentum * m``; Newton–Schulz iterations.
       adam_learning_rate: AdamW's learning rate for the other leaves.
       b1, b2: AdamW's first- and second-moment decays.
       weight_decay: Decoupled weight decay on both parts (AdamW's on its >=2-D leaves only).
