@@ -25,8 +25,15 @@ ALLOWED = {  # part -> the parts (besides foundations and itself) it may import
     "lm_eval": {"model", "data", "checkpoint", "generation", "pretrained"},
     "testing": {"model"},
     "train": {
-        "model", "optim", "data", "distributed", "checkpoint", "pretrained", "families",
-        "generation", "evaluate",
+        "model",
+        "optim",
+        "data",
+        "distributed",
+        "checkpoint",
+        "pretrained",
+        "families",
+        "generation",
+        "evaluate",
     },  # fmt: skip
 }
 """Everything may use the foundations; ``cli`` may use everything; nothing imports ``cli``."""

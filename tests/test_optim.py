@@ -200,7 +200,9 @@ def test_lr_schedule_wsd_holds_the_peak_then_decays_the_last_fraction():
     assert got == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2 - 0.6 * 9e-3, 1e-3], abs=1e-12)
     muon_part = train_options.lr_schedule(cfg, 100, peak=0.05)  # the same shape at another peak
     assert float(muon_part(torch.tensor(100))) == pytest.approx(5e-3)
-    with pytest.raises(train_options.OptionError, match="schedule: invalid value 'linear': one of cosine"):
+    with pytest.raises(
+        train_options.OptionError, match="schedule: invalid value 'linear': one of cosine"
+    ):
         train_options.OptimizerConfig(schedule="linear")
 
 
@@ -388,7 +390,9 @@ def test_muon_momentum_can_warm_up_on_a_schedule():
         expected = _paper_muon_in_gptfn_layout(g["w"] + beta * m, 1)
         torch.testing.assert_close(updates["w"], expected, atol=1e-12, rtol=1e-12)
     assert int(state["count"]) == 4
-    cfg = train_options.OptimizerConfig(optimizer="muon", muon_momentum=0.9, muon_momentum_warmup=10)
+    cfg = train_options.OptimizerConfig(
+        optimizer="muon", muon_momentum=0.9, muon_momentum_warmup=10
+    )
     rise = train_options.muon_momentum(cfg)
     assert [round(float(rise(torch.tensor(t))), 9) for t in (0, 5, 10, 99)] == [
         0.85,
@@ -399,7 +403,9 @@ def test_muon_momentum_can_warm_up_on_a_schedule():
     assert train_options.muon_momentum(cfg.__class__(optimizer="muon", muon_momentum=0.8)) == 0.8
     flat = optim.linear_schedule(0.5, 0.9, 0)(torch.tensor(0))  # no ramp: a tensor all the same
     assert isinstance(flat, torch.Tensor) and flat.dtype == torch.float64 and float(flat) == 0.9
-    with pytest.raises(train_options.OptionError, match=r"muon_momentum: invalid value 1\.0: must be"):
+    with pytest.raises(
+        train_options.OptionError, match=r"muon_momentum: invalid value 1\.0: must be"
+    ):
         train_options.OptimizerConfig(muon_momentum=1.0)
 
 

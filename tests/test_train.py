@@ -183,22 +183,32 @@ def test_next_start_removes_stale_temp_files_and_only_those(data_dir, tmp_path):
     assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
 
 
-def test_a_second_signal_stops_at_once():
+@pytest.mark.parametrize("before", ["as found", "ignored"])  # "ignored": as under nohup
+def test_a_second_signal_stops_at_once(before):
     import os
     import signal
     import time
 
     from gptfn.train.interrupt import StopSignal, TrainingInterrupted
 
-    with StopSignal() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # the handler runs in the main thread between bytecodes
-        assert stop.signum == signal.SIGINT  # the first one only asks the loop to stop
-        with pytest.raises(TrainingInterrupted) as info:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-    assert info.value.signum == signal.SIGTERM and info.value.checkpoint is None
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    found = signal.getsignal(signal.SIGINT)
+    if before == "ignored":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        with StopSignal() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+            assert stop.signum == signal.SIGINT  # the first one only asks the loop to stop
+            with pytest.raises(TrainingInterrupted) as info:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+        assert info.value.signum == signal.SIGTERM and info.value.checkpoint is None
+        # restored to what was there before, whatever it was (Python's default, or SIG_IGN
+        # when the suite runs under nohup)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == previous
+    finally:
+        signal.signal(signal.SIGINT, found)
 
 
 def _hidden_and_embedding_updates(**options) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +229,9 @@ def test_muon_has_its_own_learning_rate_and_sgd_its_own_momentum():
     torch.testing.assert_close(e3, 2 * e1)
 
     def sgd_twice(**options):
-        tx = train_options.make_optimizer(train_options.OptimizerConfig("sgd", warmup_steps=0, **options), 10)
+        tx = train_options.make_optimizer(
+            train_options.OptimizerConfig("sgd", warmup_steps=0, **options), 10
+        )
         params, state = {"w": torch.zeros(3)}, None
         state = tx.init(params)
         for g in (torch.ones(3), torch.ones(3)):

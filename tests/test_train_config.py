@@ -104,7 +104,8 @@ def _toml_value(value) -> str:
 def test_every_flag_is_a_toml_key(tmp_path):
     defaults = TrainConfig().flat() | {"data": "somewhere", "resume": "auto"}
     unset = {"norm_bias": True, "mlp_bias": False, "qkv_bias": True, "n_kv_head": 2,
-             "d_head": 32, "d_mlp": 64, "logit_softcap": 30.0, "init_from": "a/model"}  # fmt: skip
+             "d_head": 32, "d_mlp": 64, "logit_softcap": 30.0, "init_from": "a/model",
+             "rope_scaling": [8.0, 1.0, 4.0, 128]}  # fmt: skip
     assert {k for k, v in defaults.items() if v is None} == set(unset)
     defaults |= unset  # TOML has no None: leaving a key out leaves the option unset
     flags = [
@@ -113,13 +114,44 @@ def test_every_flag_is_a_toml_key(tmp_path):
         for s in a.option_strings
         if s.startswith("--") and not s.startswith("--no-") and s not in ("--help", "--config")
     ]
-    assert "sample-tokens" in flags and "no-tie-embeddings" in flags and "muon-lr" in flags
+    assert "sample-tokens" in flags and "tie-embeddings" in flags and "muon-lr" in flags
     lines = [f"{flag} = {_toml_value(defaults[flag.replace('-', '_')])}" for flag in flags]
     path = tmp_path / "all.toml"
     path.write_text("\n".join(lines) + "\n")
     cfg = TrainConfig.from_dict(load_toml(path), source=str(path))
     assert cfg.data.data == "somewhere" and cfg.run.resume is True
     assert cfg.model.gpt_config(10).n_kv_head == 2 and cfg.model.logit_softcap == 30.0
+    assert cfg.model.gpt_config(10).rope_scaling == (8.0, 1.0, 4.0, 128)
+
+
+def test_every_gptconfig_field_but_the_vocabulary_is_a_model_option_with_its_metadata():
+    import dataclasses
+
+    from gptfn.train import ModelOptions
+
+    options = {f.name: f for f in dataclasses.fields(ModelOptions)}
+    for f in dataclasses.fields(GPTConfig):
+        if f.name == "vocab_size":
+            assert f.name not in options
+            continue
+        assert f.name in options, f"GPTConfig.{f.name} has no gptfn train option"
+        assert options[f.name].metadata == f.metadata, f.name  # help, choices, bounds: one source
+    flags = {s for a in _train_parser()._actions for s in a.option_strings}
+    missing = [
+        f.name
+        for f in dataclasses.fields(GPTConfig)[1:]
+        if "--" + f.name.replace("_", "-") not in flags
+    ]
+    assert not missing, missing
+
+
+def test_tuple_options_parse_from_flags_and_are_checked():
+    args = _train_parser().parse_args(["--rope-scaling", "8,1,4,8192", "--position", "rotary"])
+    assert args.rope_scaling == (8.0, 1.0, 4.0, 8192)
+    with pytest.raises(SystemExit):
+        _train_parser().parse_args(["--rope-scaling", "8,1"])
+    with pytest.raises(OptionError, match="rope_scaling: .* needs position='rotary'"):
+        TrainConfig().replace(recipe="gpt2", rope_scaling=[8.0, 1.0, 4.0, 8192])
 
 
 def test_architecture_keys_in_toml_reach_the_model(tmp_path):
@@ -160,7 +192,7 @@ def test_toml_sections_and_flags_override(tmp_path, monkeypatch):
         ("[run]\nmax-steps = 1.5\n", "{path}: max_steps: invalid value 1.5: expected an integer"),
         ("compile = 1\n", "{path}: compile: invalid value 1: expected true or false"),
         ("[model]\nlr = 0.1\n", "{path}: key 'lr' belongs in [optimizer], not [model]"),
-        ("learning-rate = 0.1\n", "{path}: unknown option 'learning_rate'; valid: n_layer"),
+        ("learning-rate = 0.1\n", "{path}: unknown option 'learning_rate'; valid: block_size, n_layer"),
         ("lr = 0.1\nlr = 0.2\n", "{path}: not valid TOML: Cannot overwrite a value (at line 2"),
         ("lr = \n", "{path}: not valid TOML: Invalid value (at line 1, column 6)"),
         ("dropout = 2.0\n", "{path}: dropout: invalid value 2.0: must be >= 0 and < 1"),

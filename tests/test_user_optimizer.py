@@ -109,9 +109,13 @@ def test_the_options_it_names_and_only_those(user_module):
         "grad_clip",
         "total_steps",
     }
-    train_options.make_optimizer(cfg.__class__(optimizer=f"{MOD}:first_named_lr", weight_decay=0.3), 7)
+    train_options.make_optimizer(
+        cfg.__class__(optimizer=f"{MOD}:first_named_lr", weight_decay=0.3), 7
+    )
     assert user_module.calls[1] == dict(schedule=True, weight_decay=0.3)
-    tx = train_options.make_optimizer(train_options.OptimizerConfig(optimizer=f"{MOD}:Factories.plain"), 7)
+    tx = train_options.make_optimizer(
+        train_options.OptimizerConfig(optimizer=f"{MOD}:Factories.plain"), 7
+    )
     assert isinstance(tx, optim.GradientTransformation)
 
 

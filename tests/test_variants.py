@@ -198,15 +198,24 @@ def test_default_config_is_gpt2():
 @pytest.mark.parametrize(
     "options, words",
     [
-        ({"position": "alibi"}, "GPTConfig.position: invalid value 'alibi': one of learned, rotary, none"),
-        ({"norm": "batchnorm"}, "GPTConfig.norm: invalid value 'batchnorm': one of layernorm, rmsnorm"),
+        (
+            {"position": "alibi"},
+            "GPTConfig.position: invalid value 'alibi': one of learned, rotary, none",
+        ),
+        (
+            {"norm": "batchnorm"},
+            "GPTConfig.norm: invalid value 'batchnorm': one of layernorm, rmsnorm",
+        ),
         ({"mlp": "silu"}, "one of gelu_tanh, gelu, relu2, swiglu, geglu"),
         ({"n_kv_head": 3}, r"GPTConfig.n_kv_head: invalid value 3: must divide n_head \(4\)"),
         ({"n_kv_head": 0}, "GPTConfig.n_kv_head: invalid value 0: must be >= 1"),
         ({"d_mlp": -1}, "GPTConfig.d_mlp: invalid value -1: must be >= 1"),
         ({"n_layer": 2.0}, "GPTConfig.n_layer: invalid value 2.0: expected an integer, got float"),
         ({"position": "rotary", "d_head": 3}, "must be even and >= 2"),
-        ({"position": "rotary", "rotary_fraction": 0.0}, r"rotary_fraction: .* must be > 0 and <= 1"),
+        (
+            {"position": "rotary", "rotary_fraction": 0.0},
+            r"rotary_fraction: .* must be > 0 and <= 1",
+        ),
         ({"rope_theta": 0}, "GPTConfig.rope_theta: invalid value 0.0: must be > 0"),
         ({"norm_eps": -1e-5}, "GPTConfig.norm_eps: invalid value -1e-05: must be > 0"),
         ({"logit_softcap": 0.0}, "GPTConfig.logit_softcap: invalid value 0.0: must be > 0"),

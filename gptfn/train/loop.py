@@ -120,7 +120,7 @@ def _train(cfg: TrainConfig, env: DistEnv, callbacks: list[Callable[[dict], None
                 log.count()
                 is_eval = done % cfg.run.eval_interval == 0 or done == cfg.run.max_steps
                 if done % cfg.run.log_interval == 0 or is_eval:
-                    record = log.train_record(done, metrics)
+                    record = log.train_record(done, metrics, run.opt_state)
                     if is_eval:
                         record |= _evaluate(run)
                         _save_checkpoints(run, done, record["val_loss"])

@@ -105,6 +105,16 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int, peak: float | None = Non
     )
 
 
+def learning_rates(cfg: OptimizerConfig, total_steps: int) -> dict[str, Schedule]:
+    """Each optimizer part's learning-rate schedule, by the name the log gives it: ``lr`` (the
+    optimizer's, or with Muon its AdamW part's) and, with Muon, ``muon_lr`` (its hidden
+    matrices')."""
+    rates = {"lr": lr_schedule(cfg, total_steps)}
+    if cfg.optimizer == "muon":
+        rates["muon_lr"] = lr_schedule(cfg, total_steps, peak=cfg.muon_lr)
+    return rates
+
+
 def muon_momentum(cfg: OptimizerConfig) -> float | Schedule:
     """Muon's momentum: ``cfg.muon_momentum``, or with ``muon_momentum_warmup`` steps a linear
     rise to it from 0.85 (or from itself, if lower), as the modded-nanogpt speedrun does."""

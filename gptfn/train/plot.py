@@ -52,7 +52,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     )
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    ax_lr.plot(steps, [r["lr"] for r in records], color="tab:green")
+    for name, label in (("lr", "lr (AdamW part)"), ("muon_lr", "muon_lr")):
+        if any(name in r for r in records):
+            ax_lr.plot(steps, [r.get(name, float("nan")) for r in records], label=label)
+    if any("muon_lr" in r for r in records):
+        ax_lr.legend()
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
