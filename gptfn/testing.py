@@ -87,7 +87,26 @@ def configs(
         options["qk_norm"] = draw(st.booleans())
         options["parallel_residual"] = draw(st.booleans())
         options["logit_softcap"] = draw(st.one_of(st.none(), st.floats(1.0, 30.0)))
+        options["norm_eps"] = draw(st.sampled_from([1e-5, 1e-6]))
+        if options["position"] == "rotary":
+            options["rope_theta"] = draw(st.sampled_from([10000.0, 500.0]))
+            options["rope_scaling"] = draw(st.sampled_from([None, (8.0, 1.0, 4.0, 8)]))
     return GPTConfig(**sizes, n_embd=heads * size, **(options | fixed))
+
+
+DRAWN = frozenset({
+    "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_embeddings",
+    "position", "rotary_fraction", "norm", "mlp", "d_mlp", "n_kv_head", "qkv_bias", "mlp_bias",
+    "norm_bias", "qk_norm", "parallel_residual", "logit_softcap", "norm_eps", "rope_theta",
+    "rope_scaling",
+})  # fmt: skip
+"""The ``GPTConfig`` fields :func:`configs` draws (with ``architectures``)."""
+
+EXEMPT = {
+    "d_head": "n_embd = n_head * head_size, so d_head is drawn through head_size",
+}
+"""Fields :func:`configs` does not draw, each with the reason; a test holds ``DRAWN | EXEMPT``
+to every ``GPTConfig`` field, so a new option is drawn or named here."""
 
 
 @st.composite

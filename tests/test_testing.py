@@ -69,6 +69,25 @@ def test_strategies_shrink_to_the_smallest_case():
     assert toks.tolist() == [[0]]
 
 
+def test_configs_draw_every_field_or_name_it_exempt():
+    import dataclasses
+
+    from hypothesis import find
+
+    from gptfn.testing import DRAWN, EXEMPT
+
+    fields = {f.name for f in dataclasses.fields(gptfn.GPTConfig)}
+    assert DRAWN | set(EXEMPT) == fields, f"neither drawn nor exempt: {fields - DRAWN - set(EXEMPT)}"
+    assert not DRAWN & set(EXEMPT)
+    plain = gptfn.GPTConfig(2, 1, 1, 1, 2)
+    for name in sorted(DRAWN - {"vocab_size", "block_size", "n_layer", "n_head", "n_embd"}):
+        find(  # each drawn field does take a value other than GPT-2's default
+            configs(head_size=(2, 4)),
+            lambda c, n=name: getattr(c, n) != getattr(plain, n),
+            settings=settings(max_examples=500, database=None),
+        )
+
+
 def test_importing_gptfn_does_not_import_hypothesis():
     code = "import sys, gptfn; print('hypothesis' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
