@@ -357,33 +357,21 @@ def unmerge(merged: dict[str, Any], adapters: dict[str, Any]) -> dict[str, Any]:
 
 _PREFIX = "base_model.model."
 _UNDERSTOOD = {
-    "r",
-    "lora_alpha",
-    "use_rslora",
-    "rank_pattern",
-    "alpha_pattern",
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "fan_in_fan_out",
-    "lora_dropout",
-    "init_lora_weights",
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "auto_mapping",
-    "peft_version",
-    "runtime_config",
-    "megatron_core",
-    "bias",
-}
-"""adapter_config.json keys read (or safe to ignore: lora_dropout only acts in training, the
-module matching options are replaced by the file's own keys). Any other key with a value that is
-not empty/false/None is refused by name."""
+    "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+    "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out", "lora_dropout",
+    "init_lora_weights", "peft_type", "task_type", "base_model_name_or_path", "revision",
+    "inference_mode", "auto_mapping", "peft_version", "runtime_config", "megatron_core", "bias",
+    "qalora_group_size", "eva_config",
+}  # fmt: skip
+"""adapter_config.json keys read, or safe to ignore: ``lora_dropout`` only acts in training; the
+module-matching options are superseded by the file's own keys; ``qalora_group_size`` and
+``eva_config`` only act with ``use_qalora`` (refused) or at initialisation. Any other key whose
+value is not empty, false or None is refused by name."""
 _INITS = (True, False, "gaussian", "eva", "orthogonal")
+_CONFIG_HINTS = {
+    "use_dora": " (DoRA, weight-decomposed LoRA: its magnitude vectors have no place in merge)",
+    "modules_to_save": " (full copies of modules: not a LoRA adapter)",
+}
 _KEY_HINTS = {
     "lora_magnitude_vector": "DoRA (use_dora) is not supported: gptfn's merge is plain LoRA",
     "lora_embedding_": "LoRA on embeddings is not supported",
@@ -419,6 +407,7 @@ def _peft_modules(
             a, b, scale = _fuse_qkv(qkv, attn)
             b = rearrange(b, f"(three h k) r -> {fused}", three=3, h=attn["w_q"].shape[1])
             out.append((f"{pre}.{module_of['w_qkv']}", a, b, scale))
+            qkv = {}
         elif "w_qkv" in qkv:
             (pair, scale) = qkv.pop("w_qkv")
             sizes = [_in_out(n, attn[n])[1] for n in _QKV]
@@ -558,7 +547,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
         k for k, v in config.items() if k not in _UNDERSTOOD and v not in (None, False, [], {}, "")
     )
     if unknown:
-        what = "; ".join(f"{k}={config[k]!r}" for k in unknown)
+        what = "; ".join(f"{k}={config[k]!r}{_CONFIG_HINTS.get(k, '')}" for k in unknown)
         raise ValueError(f"adapter_config.json options gptfn cannot express: {what}")
     return config
 
@@ -571,10 +560,24 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def _read_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{HF module path: {"a": lora_A, "b": lora_B}}; any other key is refused by name."""
+def _read_modules(
+    tensors: dict[str, torch.Tensor], params: dict[str, Any], mtype: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{HF module path: {"a": lora_A, "b": lora_B}}; any other key is refused by name, except
+    a copy of the unembedding equal to the model's (PEFT saves the base ``lm_head`` weight when
+    ``lm_head`` is a target: ``save_embedding_layers="auto"``)."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
+    heads = [f"{_PREFIX}{head}.base_layer.weight" for head in _FAMILIES[mtype][3]]
     for key, value in tensors.items():
+        if key in heads:
+            base = params.get("unembed", params["wte"])
+            if value.shape != base.shape or not torch.equal(value.to(base), base):
+                raise ValueError(
+                    f"{key!r} replaces the unembedding with other weights; gptfn adapters do "
+                    "not carry base weights (put them in params, or save without "
+                    "save_embedding_layers)"
+                )
+            continue
         match = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.lora_([AB])\.weight", key)
         if match is None:
             why = next((hint for part, hint in _KEY_HINTS.items() if part in key), "")
@@ -631,8 +634,9 @@ def load_peft(
     """
     folder = Path(folder)
     config = _read_config(folder)
-    modules = _read_modules(safetensors.torch.load_file(folder / "adapter_model.safetensors"))
     mtype, (_, _, fused, _) = _family(params, model_type)
+    tensors = safetensors.torch.load_file(folder / "adapter_model.safetensors")
+    modules = _read_modules(tensors, params, mtype)
     rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     blocks: list[dict[str, Any]] = [{} for _ in params["blocks"]]
     out: dict[str, Any] = {"blocks": blocks}
