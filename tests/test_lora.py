@@ -195,7 +195,7 @@ def test_vmap_over_an_ensemble_of_adapters_equals_a_loop():
 
 
 def test_compiled_lora_train_step_runs_three_steps_without_recompiling():
-    params, adapters, _, _ = _setup("gpt2", dtype=torch.float32)
+    params, adapters, _, _ = _setup("gpt2_untied_gelu", dtype=torch.float32)
     vocab = params["wte"].shape[0]
 
     def step(params, adapters, x, y, lr):
