@@ -456,6 +456,31 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def _peft_files(
+    lora: LoRAConfig, modules: list[tuple[str, torch.Tensor, torch.Tensor, float]], mtype: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """adapter_config.json (a dict) and the tensors of adapter_model.safetensors."""
+    tensors, ranks, alphas = {}, {}, {}
+    for path, a, b, scale in modules:
+        rank = a.shape[0]
+        tensors[f"{_PREFIX}{path}.lora_A.weight"] = a.detach().contiguous().clone()
+        tensors[f"{_PREFIX}{path}.lora_B.weight"] = b.detach().contiguous().clone()
+        alpha = scale * (math.sqrt(rank) if lora.use_rslora else rank)
+        if rank != lora.rank:
+            ranks[path] = rank
+        if rank != lora.rank or not math.isclose(alpha, lora.alpha, rel_tol=1e-12):
+            alphas[path] = alpha  # with rank_pattern alone PEFT would use lora_alpha / rank
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+        "r": lora.rank, "lora_alpha": lora.alpha, "use_rslora": lora.use_rslora,
+        "target_modules": [path for path, *_ in modules], "rank_pattern": ranks,
+        "alpha_pattern": alphas, "fan_in_fan_out": mtype == "gpt2", "bias": "none",
+        "lora_dropout": 0.0, "modules_to_save": None, "inference_mode": True,
+        "use_dora": False, "init_lora_weights": True,
+    }  # fmt: skip
+    return config, tensors
+
+
 def save_peft(
     adapters: dict[str, Any],
     folder: str | os.PathLike[str],
@@ -479,38 +504,10 @@ def save_peft(
       params: the base parameters (they pick the family, as ``gptfn.to_hf`` does).
       model_type: force a family (``"gpt2"``, ``"llama"``, ``"qwen2"``, ``"gpt_neox"``).
     """
-    lora: LoRAConfig = adapters["lora"]
     modules = _peft_modules(params, adapters, model_type)
     if not modules:
         raise ValueError("the adapter tree holds no adapters")
-    tensors, ranks, alphas = {}, {}, {}
-    for path, a, b, scale in modules:
-        rank = a.shape[0]
-        tensors[f"{_PREFIX}{path}.lora_A.weight"] = a.detach().contiguous().clone()
-        tensors[f"{_PREFIX}{path}.lora_B.weight"] = b.detach().contiguous().clone()
-        alpha = scale * (math.sqrt(rank) if lora.use_rslora else rank)
-        if rank != lora.rank:
-            ranks[path] = rank
-        if rank != lora.rank or not math.isclose(alpha, lora.alpha, rel_tol=1e-12):
-            alphas[path] = alpha
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
-        "r": lora.rank,
-        "lora_alpha": lora.alpha,
-        "use_rslora": lora.use_rslora,
-        "target_modules": [path for path, *_ in modules],
-        "rank_pattern": ranks,
-        "alpha_pattern": alphas,
-        "fan_in_fan_out": _family(params, model_type)[0] == "gpt2",
-        "bias": "none",
-        "lora_dropout": 0.0,
-        "modules_to_save": None,
-        "inference_mode": True,
-        "use_dora": False,
-        "init_lora_weights": True,
-    }
+    config, tensors = _peft_files(adapters["lora"], modules, _family(params, model_type)[0])
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -609,6 +606,29 @@ def _locate(module: str, mtype: str, n_layer: int) -> tuple[int | None, str]:
     return int(match[1]), table[match[2]]
 
 
+def _tree_pair(
+    module: str,
+    pair: dict[str, torch.Tensor],
+    name: str,
+    weights: dict[str, torch.Tensor],
+    rank: int,
+    fused: str | None,
+) -> dict[str, torch.Tensor]:
+    """A PEFT module's (A, B) as a tree pair: shapes checked, the weight's dtype and device,
+    a fused q/k/v module's B rows in gptfn's (q, k, v) order."""
+    fan_in, fan_out = _pair_shape(name, weights)
+    if pair["a"].shape != (rank, fan_in) or pair["b"].shape != (fan_out, rank):
+        raise ValueError(
+            f"{module}: lora_A {tuple(pair['a'].shape)} / lora_B {tuple(pair['b'].shape)} "
+            f"do not fit rank {rank}, in {fan_in}, out {fan_out}"
+        )
+    like = weights["w_q" if name == "w_qkv" else name]
+    a, b = pair["a"].to(like), pair["b"].to(like)
+    if name == "w_qkv" and fused is not None:
+        b = rearrange(b, f"{fused} -> (three h k) r", three=3, h=like.shape[1])
+    return {"a": a, "b": b}
+
+
 def load_peft(
     folder: str | os.PathLike[str],
     params: dict[str, Any],
@@ -648,31 +668,16 @@ def load_peft(
             raise ValueError(f"{module!r} adapts {name!r}, which this model does not have")
         path = "unembed" if index is None else f"blocks.{index}.{_GROUP[name]}.{name}"
         r = int(_pattern_value(config.get("rank_pattern") or {}, module, rank))
-        fan_in, fan_out = _pair_shape(name, weights)
-        if pair["a"].shape != (r, fan_in) or pair["b"].shape != (fan_out, r):
-            raise ValueError(
-                f"{module}: lora_A {tuple(pair['a'].shape)} / lora_B {tuple(pair['b'].shape)} "
-                f"do not fit rank {r}, in {fan_in}, out {fan_out}"
-            )
         if r != rank:
             ranks[path] = r
         a_m = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha))
-        if a_m != alpha or r != rank:
+        if a_m != alpha:
             alphas[path] = a_m
-        like = weights["w_q" if name == "w_qkv" else name]
-        a, b = pair["a"].to(like), pair["b"].to(like)
-        if name == "w_qkv" and fused is not None:
-            b = rearrange(b, f"{fused} -> (three h k) r", three=3, h=like.shape[1])
-        names.add(name)
         target = out if index is None else blocks[index].setdefault(_GROUP[name], {})
-        target[name] = {"a": a, "b": b}
+        target[name] = _tree_pair(module, pair, name, weights, r, fused)
+        names.add(name)
     targets = tuple(t for t in TARGETS if t in names)
-    out["lora"] = LoRAConfig(
-        rank,
-        alpha,
-        targets,
-        bool(config.get("use_rslora")),
-        tuple(sorted(ranks.items())),
-        tuple(sorted(alphas.items())),
-    )
+    rslora = bool(config.get("use_rslora"))
+    ranks_, alphas_ = tuple(sorted(ranks.items())), tuple(sorted(alphas.items()))
+    out["lora"] = LoRAConfig(rank, alpha, targets, rslora, ranks_, alphas_)
     return out
