@@ -35,7 +35,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -445,14 +445,14 @@ def _fuse_qkv(
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """``write(temp_path)`` to a temporary file in ``path``'s folder, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """``write(temp_path)`` to a temporary file in ``path``'s folder, then ``os.replace`` (the
+    writer creates it, so the file gets the usual permissions)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
