@@ -21,13 +21,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 
-import gptfn  # noqa: E402
-from gptfn.lm_eval import GPTFNLM, evaluate_tasks, format_table  # noqa: E402
 from hf_models import hf_model  # noqa: E402
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
+
+import gptfn  # noqa: E402
+from gptfn.lm_eval import GPTFNLM, evaluate_tasks, format_table  # noqa: E402
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
 TRAINING_TEXT = [
@@ -197,7 +198,8 @@ def test_requests_sharing_tokens_are_scored_at_their_own_split(family):
     alone = [lm.loglikelihood([r], True)[0] for r in requests]
     assert together == alone
     whole = [lm.prefix_token_id, *lm.tok_encode(pair[0][1], add_special_tokens=False)]
-    assert sum(lm._encode_pair(*pair[1]), []) == whole  # the same ids indeed
+    context, continuation = lm._encode_pair(*pair[1])
+    assert context + continuation == whole  # the same ids indeed
 
 
 def small_model() -> dict:
@@ -275,7 +277,7 @@ def test_bad_model_path_is_named(tmp_path, task_manager):
     with pytest.raises(FileNotFoundError, match="no_such_model"):
         run_tasks("gptfn", task_manager, model_args={"pretrained": str(missing)})
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="empty.*neither a gptfn run directory"):
+    with pytest.raises(FileNotFoundError, match=r"empty.*neither a gptfn run directory"):
         evaluate_tasks(tmp_path / "empty", None, "gptfn_tiny", task_manager=task_manager)
 
 
