@@ -4,7 +4,8 @@
 Both score the same requests, built from the built-in corpus: multiple-choice style
 log-likelihoods (4 continuations per context), rolling log-likelihoods of whole passages
 (several windows each), and greedy generations with a stop string. The tokenizer is a BPE trained
-on the corpus (offline). Each row: the median of ``--repeats`` timings, A then B then A ...
+on the corpus (offline). Each row: the median of ``--repeats`` timings, A then B then A ...,
+after an untimed warm-up of each.
 
     python experiments/bench_lm_eval.py [--repeats 3] [--batch-size 16] [--threads 2]
 """
@@ -23,13 +24,13 @@ from typing import Any
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
+import torch
+import transformers
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
 
-import gptfn  # noqa: E402
-from gptfn.lm_eval import GPTFNLM  # noqa: E402
+import gptfn
+from gptfn.lm_eval import GPTFNLM
 
 
 def tokenizer(text: str, vocab: int) -> transformers.PreTrainedTokenizerFast:
@@ -105,13 +106,15 @@ def main() -> None:
     rows = []
     for kind, reqs in kinds.items():
         times: dict[str, list[float]] = {name: [] for name in models}
+        for lm in models.values():  # warm-up, untimed
+            getattr(lm, kind)(reqs[:2], disable_tqdm=True)
         for _ in range(args.repeats):
             for name, lm in models.items():  # interleaved: drift hits both alike
                 times[name].append(timed(lambda: getattr(lm, kind)(reqs, disable_tqdm=True)))
         rate = {name: len(reqs) / statistics.median(t) for name, t in times.items()}
         rows.append((kind, len(reqs), rate["gptfn"], rate["HFLM"]))
-    print(f"model: GPT-2 shape, 4 layers, d=256, vocab {len(tok)}, block 256; "
-          f"batch {args.batch_size}, {args.threads} threads, median of {args.repeats}\n")  # fmt: skip
+    setup = f"batch {args.batch_size}, {args.threads} threads, median of {args.repeats}"
+    print(f"model: GPT-2 shape, 4 layers, d=256, vocab {len(tok)}, block 256; {setup}\n")
     print("| request type | requests | gptfn req/s | HFLM req/s | gptfn / HFLM |")
     print("|---|---:|---:|---:|---:|")
     for kind, n, ours, theirs in rows:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,18 @@ def test_tokenization_matches_hflm(family):
         )
 
 
+def test_gptfn_tokenizer_reads_like_the_transformers_one(family):
+    """gptfn's own reading of the folder's tokenizer.json gives the same ids and prefix."""
+    own = gptfn.pretrained.load_pretrained_tokenizer(family["folder"])
+    ours, theirs = GPTFNLM(family["params"], own), GPTFNLM(family["params"], family["tok"])
+    assert ours.prefix_token_id == theirs.prefix_token_id
+    assert ours.eot_token_id == theirs.eot_token_id
+    for text in ["the cat", bos_text(family["tok"]) + "a dog ran", "Q: yes  "]:
+        assert ours.tok_encode(text) == theirs.tok_encode(text), text
+    requests = generation_requests()[:2]
+    assert ours.generate_until(requests, True) == theirs.generate_until(requests, True)
+
+
 def test_loglikelihood_matches_hflm(family):
     requests = ll_requests(bos_text(family["tok"]))
     ours = GPTFNLM(family["params"], family["tok"]).loglikelihood(requests, disable_tqdm=True)
@@ -233,6 +246,26 @@ def test_registered_model_loads_a_saved_folder(tmp_path, task_manager):
     assert metrics(bf16) == pytest.approx(direct, rel=0.05)
 
 
+def test_registered_model_loads_a_run_directory(data_dir, tmp_path):
+    """``pretrained=`` a gptfn run directory (two training steps through the command line)."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "gptfn", "train", "--data", str(data_dir), "--out", str(run),
+               "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+               "--batch-size", "4", "--eval-steps", "1", "--max-steps", "2", "--no-progress",
+               "--sample-tokens", "0"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, capture_output=True, timeout=300, env=env)
+    params, tok, _ = gptfn.load_run(run)
+    newline = tok.encode("\n")[0]
+    text = "the cat sat on the mat, and on it" * 2
+    requests = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    direct = GPTFNLM(params, tok, prefix_token_id=newline).loglikelihood_rolling(requests, True)
+    lm = GPTFNLM(pretrained=run, dtype="bfloat16", prefix_token_id=newline)
+    assert lm.params["wte"].dtype == torch.bfloat16 and lm.max_length == 16
+    loaded = GPTFNLM(pretrained=run, prefix_token_id=newline).loglikelihood_rolling(requests, True)
+    assert loaded == direct and direct[0] < 0
+
+
 def test_batching_changes_nothing(family):
     one = GPTFNLM(family["params"], family["tok"], batch_size=1)
     many = GPTFNLM(family["params"], family["tok"], batch_size=16)
@@ -293,6 +326,19 @@ def test_char_tokenizer_needs_a_prefix_token():
     space = tok.encode(" ")[0]
     score = GPTFNLM(params, tok, prefix_token_id=space).loglikelihood_rolling(requests, True)
     assert score[0] < 0
+
+
+def test_doc_example_runs(monkeypatch):
+    """docs/lm_eval.md's python blocks run as written (from the repository root)."""
+    root = Path(__file__).parents[1]
+    page = (root / "docs" / "lm_eval.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert blocks
+    monkeypatch.chdir(root)
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"lm_eval.md[python block {i}]", "exec"), namespace)
+    assert "gptfn_tiny_ppl" in namespace["format_table"](namespace["results"])
 
 
 def test_import_gptfn_does_not_import_lm_eval():
