@@ -287,7 +287,10 @@ class GPTFNLM(TemplateLM):
             where = device if device is not None else params["wte"].device
             params = _to(params, torch.device(where), _parse_dtype(dtype))
         if tokenizer is None:
-            raise ValueError(f"no tokenizer: {pretrained} has none, pass tokenizer=")
+            where = f"{pretrained} has none" if pretrained is not None else "none given"
+            raise ValueError(f"GPTFNLM needs a tokenizer ({where}): pass tokenizer=")
+        if not isinstance(params.get("config"), gptfn.GPTConfig):
+            raise ValueError("params must carry their GPTConfig as params['config']")
         self._params: Params = params
         self.tokenizer = as_hf_tokenizer(tokenizer)
         self._device = params["wte"].device
