@@ -17,9 +17,9 @@ reported figures. A grid whose best value is at its edge is flagged. Muon's grid
 
 A user optimizer (``--optimizer module.path:function``, repeatable) goes through exactly the
 path of ``gptfn train --optimizer``: ``make_optimizer`` imports it and calls it with the schedule
-and the options its signature names (see ``gptfn.train.user_optimizer``). Step counts do not depend on
-the machine's load; the seconds do (a shared 2-core CPU is noisy), so steps-to-target is the
-headline.
+and the options its signature names (see ``gptfn.train.user_optimizer``). Step counts do not
+depend on the machine's load; the seconds do (a shared 2-core CPU is noisy), so steps-to-target
+is the headline.
 """
 
 from __future__ import annotations

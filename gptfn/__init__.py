@@ -4,9 +4,10 @@
 ``gptfn.tree``, ``gptfn.data``, ``gptfn.research``, ``gptfn.train``, ``gptfn.evaluate``,
 ``gptfn.checkpoint``, ``gptfn.families``, ``gptfn.generation``, ``gptfn.pretrained``, ... work
 without an import of their own, and re-exports the names most code needs (below, in
-``__all__``). ``gptfn.testing`` is the exception: it imports ``hypothesis``, a dev extra, so it
-is loaded on first access (a module ``__getattr__``), not by ``import gptfn``; without
-hypothesis installed that access raises an ``ImportError`` that says what to install. The CLI
+``__all__``). ``gptfn.testing`` and ``gptfn.lm_eval`` are the exceptions: they import an
+optional dependency (``hypothesis``, ``lm-eval``), so they are loaded on first access (a module
+``__getattr__``), not by ``import gptfn``; without it that access raises an ``ImportError``
+that says what to install. The CLI
 (``gptfn.cli``) sits above the library and is not imported here.
 """
 
@@ -24,6 +25,7 @@ from gptfn import (
     families,
     files,
     generation,
+    lora,
     model,
     optim,
     pretrained,
@@ -93,6 +95,7 @@ __all__ = [
     "families",
     "files",
     "generation",
+    "lora",
     "model",
     "optim",
     "pretrained",
@@ -105,21 +108,26 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_LAZY = {"testing": "hypothesis"}  # subpackage -> the optional dependency it imports
+_LAZY = {  # module -> (the optional dependency it imports, the extra that installs it)
+    "testing": ("hypothesis", "dev"),
+    "lm_eval": ("lm_eval", "eval"),
+}
 
 
 def __getattr__(name: str) -> ModuleType:
-    """Load ``gptfn.testing`` on first access (``import gptfn`` does not import hypothesis)."""
+    """Load ``gptfn.testing`` and ``gptfn.lm_eval`` on first access (``import gptfn`` imports
+    neither hypothesis nor lm-eval)."""
     if name not in _LAZY:
         raise AttributeError(f"module 'gptfn' has no attribute {name!r}")
     try:
         return importlib.import_module(f"gptfn.{name}")
     except ModuleNotFoundError as error:
-        if error.name != _LAZY[name]:
+        needs, extra = _LAZY[name]
+        if error.name != needs:
             raise
         raise ImportError(
-            f"gptfn.{name} needs {_LAZY[name]!r}, a dev extra: pip install 'gptfn[dev]' "
-            f"(or pip install {_LAZY[name]})"
+            f"gptfn.{name} needs {needs!r}, an extra: pip install 'gptfn[{extra}]' "
+            f"(or pip install {needs.replace('_', '-')})"
         ) from error
 
 

@@ -63,7 +63,6 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the enviro
         "missing): pip install 'gptfn[eval]' (or pip install 'lm-eval[hf]')"
     ) from error
 
-__all__ = ["GPTFNLM", "evaluate_tasks", "format_table", "load_model"]
 
 logger = logging.getLogger(__name__)
 

@@ -46,9 +46,7 @@ import torch
 import torch.utils._pytree as torch_pytree
 from einops import rearrange
 
-import gptfn
-
-__all__ = ["TARGETS", "LoRAConfig", "init", "merge", "unmerge", "save_peft", "load_peft"]
+from gptfn.families import hf_config
 
 TARGETS = ("w_q", "w_k", "w_v", "w_qkv", "w_o", "w_gate", "w_in", "w_out", "unembed")
 """The weights LoRA can adapt (leaf names of the parameter tree, plus the fused ``w_qkv``)."""
@@ -380,7 +378,7 @@ _KEY_HINTS = {
 
 
 def _family(params: dict[str, Any], model_type: str | None) -> tuple[str, Any]:
-    mtype = gptfn.families.hf_config(params, model_type)["model_type"]
+    mtype = hf_config(params, model_type)["model_type"]
     if mtype not in _FAMILIES:
         raise ValueError(f"no PEFT module map for {mtype!r}; supported: {sorted(_FAMILIES)}")
     return mtype, _FAMILIES[mtype]

@@ -150,8 +150,8 @@ def test_sigint_and_sigterm_save_and_the_resumed_run_is_bit_identical(data_dir, 
 def test_options_reach_the_run_and_risky_ones_warn(data_dir, tmp_path):
     run = tmp_path / "run"
     out = gptfn("train", "--data", str(data_dir), "--out", str(run), *TINY, "--max-steps", "2",
-                "--warmup-steps", "5", "--dtype", "float16", "--no-tie-embeddings", "--optimizer", "muon",
-                "--muon-lr", "0.05")  # fmt: skip
+                "--warmup-steps", "5", "--dtype", "float16", "--no-tie-embeddings",
+                "--optimizer", "muon", "--muon-lr", "0.05")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "gptfn: warning: --dtype float16 on a CPU is ~20x slower" in out.stderr
     assert "gptfn: warning: --max-steps (2) <= --warmup-steps (5)" in out.stderr

@@ -27,6 +27,7 @@ def fresh() -> dict:
         import json, sys
         import gptfn
         before = "hypothesis" in sys.modules
+        lm_eval_before = "lm_eval" in sys.modules
         sys.modules["hypothesis"] = None  # as if hypothesis were not installed
         try:
             gptfn.testing
@@ -36,7 +37,8 @@ def fresh() -> dict:
         del sys.modules["hypothesis"]  # installed after all: gptfn.testing now loads
         kinds = {{n: type(getattr(gptfn, n, None)).__name__ for n in {MODULES!r}}}
         missing = [n for n in gptfn.__all__ if not hasattr(gptfn, n)]
-        print(json.dumps(dict(before=before, error=error, kinds=kinds, missing=missing)))
+        print(json.dumps(dict(before=before, error=error, kinds=kinds, missing=missing,
+                              lm_eval_before=lm_eval_before)))
         """
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True
@@ -55,6 +57,7 @@ def test_testing_is_lazy_and_says_what_to_install(fresh):
     assert not fresh["before"], "import gptfn must not import hypothesis (a dev extra)"
     assert fresh["error"].startswith("ImportError: gptfn.testing needs 'hypothesis'")
     assert "pip install 'gptfn[dev]'" in fresh["error"]
+    assert not fresh["lm_eval_before"], "import gptfn must not import lm_eval (an extra)"
 
 
 def test_all_lists_the_research_entry_points_once():
@@ -79,7 +82,9 @@ def test_no_module_shadows_the_standard_library_and_all_lives_in_packages():
     for m in modules:
         if m.ispkg or m.name.endswith("__main__"):
             continue
-        text = open(pkgutil.get_loader(m.name).get_filename(), encoding="utf-8").read()
+        path = pkgutil.get_loader(m.name).get_filename()
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
         if "\n__all__ = " in text:
             declaring.append(m.name)
     assert not declaring, f"__all__ outside package __init__ files: {declaring}"

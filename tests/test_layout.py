@@ -34,7 +34,7 @@ ALLOWED = {  # part -> the parts (besides foundations and itself) it may import
         "families",
         "generation",
         "evaluate",
-    },  # fmt: skip
+    },
 }
 """Everything may use the foundations; ``cli`` may use everything; nothing imports ``cli``."""
 

@@ -77,7 +77,9 @@ def test_configs_draw_every_field_or_name_it_exempt():
     from gptfn.testing import DRAWN, EXEMPT
 
     fields = {f.name for f in dataclasses.fields(gptfn.GPTConfig)}
-    assert DRAWN | set(EXEMPT) == fields, f"neither drawn nor exempt: {fields - DRAWN - set(EXEMPT)}"
+    assert DRAWN | set(EXEMPT) == fields, (
+        f"neither drawn nor exempt: {fields - DRAWN - set(EXEMPT)}"
+    )
     assert not DRAWN & set(EXEMPT)
     plain = gptfn.GPTConfig(2, 1, 1, 1, 2)
     for name in sorted(DRAWN - {"vocab_size", "block_size", "n_layer", "n_head", "n_embd"}):

@@ -11,8 +11,7 @@ import torch
 
 from gptfn.cli import build_parser, main
 from gptfn.model import GPTConfig
-from gptfn.train import OptimizerConfig, OptionError
-from gptfn.train import TrainConfig
+from gptfn.train import OptimizerConfig, OptionError, TrainConfig
 from gptfn.train.options import load_toml
 
 BAD_VALUES = [
@@ -150,14 +149,15 @@ def test_tuple_options_parse_from_flags_and_are_checked():
     assert args.rope_scaling == (8.0, 1.0, 4.0, 8192)
     with pytest.raises(SystemExit):
         _train_parser().parse_args(["--rope-scaling", "8,1"])
-    with pytest.raises(OptionError, match="rope_scaling: .* needs position='rotary'"):
+    with pytest.raises(OptionError, match=r"rope_scaling: .* needs position='rotary'"):
         TrainConfig().replace(recipe="gpt2", rope_scaling=[8.0, 1.0, 4.0, 8192])
 
 
 def test_architecture_keys_in_toml_reach_the_model(tmp_path):
     path = tmp_path / "llama.toml"
     path.write_text('recipe = "gpt2"\n[model]\nposition = "rotary"\nnorm = "rmsnorm"\n'
-                    'mlp = "swiglu"\nn-kv-head = 2\nqk-norm = true\ntie-embeddings = false\nbias = false\n'
+                    'mlp = "swiglu"\nn-kv-head = 2\nqk-norm = true\ntie-embeddings = false\n'
+                    'bias = false\n'
                     "qkv_bias = true\nrope-theta = 500\n")  # fmt: skip
     model = TrainConfig.from_dict(load_toml(path)).model.gpt_config(vocab_size=50)
     assert model == GPTConfig(
@@ -192,7 +192,10 @@ def test_toml_sections_and_flags_override(tmp_path, monkeypatch):
         ("[run]\nmax-steps = 1.5\n", "{path}: max_steps: invalid value 1.5: expected an integer"),
         ("compile = 1\n", "{path}: compile: invalid value 1: expected true or false"),
         ("[model]\nlr = 0.1\n", "{path}: key 'lr' belongs in [optimizer], not [model]"),
-        ("learning-rate = 0.1\n", "{path}: unknown option 'learning_rate'; valid: block_size, n_layer"),
+        (
+            "learning-rate = 0.1\n",
+            "{path}: unknown option 'learning_rate'; valid: block_size, n_layer",
+        ),
         ("lr = 0.1\nlr = 0.2\n", "{path}: not valid TOML: Cannot overwrite a value (at line 2"),
         ("lr = \n", "{path}: not valid TOML: Invalid value (at line 1, column 6)"),
         ("dropout = 2.0\n", "{path}: dropout: invalid value 2.0: must be >= 0 and < 1"),

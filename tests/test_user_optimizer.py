@@ -15,9 +15,9 @@ import gptfn.optim as optim
 import gptfn.train.optimizer_options as train_options
 from gptfn.checkpoint import load_run, read_meta
 from gptfn.cli import main
-from gptfn.train.user_optimizer import load_user_optimizer
 from gptfn.train import TrainConfig, train
 from gptfn.train.options import load_toml
+from gptfn.train.user_optimizer import load_user_optimizer
 
 MOD = "gptfn_test_user_opts"
 USER_MODULE = """
