@@ -277,7 +277,14 @@ def _fan_in_of(rule: FanInAxes, path: str, leaf: Tensor) -> tuple[int, ...]:
 
 def _orthogonalise(d: Tensor, fan_in: tuple[int, ...], steps: int, eps: float) -> Tensor:
     """Newton–Schulz on ``d`` viewed as a [fan-in, fan-out] matrix, scaled by
-    sqrt(max(1, fan_out / fan_in)), in ``d``'s layout."""
+    sqrt(max(1, fan_out / fan_in)), in ``d``'s layout. A sharded leaf (a DTensor, under
+    FSDP) is gathered whole first and its result cut back to this rank's shard: Newton–Schulz
+    needs the whole matrix."""
+    if hasattr(d, "full_tensor") and hasattr(d, "placements"):
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = _orthogonalise(d.full_tensor(), fan_in, steps, eps)
+        return distribute_tensor(whole, d.device_mesh, d.placements, src_data_rank=None)
     fan_out = tuple(a for a in range(d.ndim) if a not in fan_in)
     order = fan_in + fan_out
     x = d.permute(order)
