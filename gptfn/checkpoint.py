@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gptfn.data.tokenizers import Tokenizer, tokenizer_from_json
+from gptfn.distributed.dcp import read_dcp, read_dcp_meta
 from gptfn.files import atomic_write
 from gptfn.model import GPTConfig, check_params
 from gptfn.tree import Tree, flatten, unflatten
@@ -69,8 +70,11 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
 
 
 def read_meta(path: str | Path) -> dict:
-    """A checkpoint's JSON metadata alone (step, model, tokenizer ...), without its tensors."""
+    """A checkpoint's JSON metadata alone (step, model, tokenizer ...), without its tensors;
+    ``path`` may be an FSDP run's DCP folder."""
     path = Path(path)
+    if path.is_dir():
+        return read_dcp_meta(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -130,10 +134,45 @@ def checkpoint_path(run_dir: str | Path, which: str = "last") -> Path:
     return Path(run_dir) / f"{which}.safetensors"
 
 
+def latest_checkpoint(run_dir: str | Path, which: str = "last") -> Path:
+    """``RUN_DIR/last.safetensors``, or the FSDP run's ``RUN_DIR/last.dcp`` folder when only it
+    exists or it holds a later step (a run may have switched between the two)."""
+    file = checkpoint_path(run_dir, which)
+    folder = file.with_suffix(".dcp")
+    if not folder.is_dir():
+        return file
+    if not file.is_file() or read_dcp_meta(folder)["step"] >= read_meta(file)["step"]:
+        return folder
+    return file
+
+
+def read_dcp_checkpoint(folder: str | Path) -> tuple[Tree, dict[str, torch.Tensor], dict]:
+    """An FSDP run's DCP folder read whole in one process: ``(params, {opt path: tensor},
+    meta)``, params with their config attached and checked as :func:`load_checkpoint` does."""
+    tensors, meta = read_dcp(folder)
+    params = unflatten({k[7:]: v for k, v in tensors.items() if k.startswith("params.")})
+    meta["model"] = GPTConfig.from_dict(meta["model"]).to_dict()
+    params["config"] = GPTConfig.from_dict(meta["model"])
+    check_params(params)
+    return params, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, meta
+
+
+def consolidate(folder: str | Path, out: str | Path) -> dict:
+    """Write an FSDP run's DCP folder as one usual safetensors checkpoint; returns its meta."""
+    params, flat_opt, meta = read_dcp_checkpoint(folder)
+    save_checkpoint(out, params, None, meta, flat_opt=flat_opt)
+    return meta
+
+
 def load_run(run_dir: str | Path, which: str = "last") -> tuple[Tree, Tokenizer, dict]:
-    """``params, tokenizer, meta`` of a training run's latest (or best) checkpoint."""
+    """``params, tokenizer, meta`` of a training run's latest (or best) checkpoint: its
+    safetensors file, or its DCP folder (an ``--fsdp`` run)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run directory {run_dir}")
-    params, _, meta = load_checkpoint(checkpoint_path(run_dir, which))
+    path = latest_checkpoint(run_dir, which)
+    if path.is_dir():
+        params, _, meta = read_dcp_checkpoint(path)
+    else:
+        params, _, meta = load_checkpoint(path)
     return params, tokenizer_from_json(meta["tokenizer"]), meta

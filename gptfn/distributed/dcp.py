@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -115,5 +116,7 @@ def read_dcp(folder: str | Path) -> tuple[dict[str, Tensor], dict]:
         for key, m in saved.items()
         if isinstance(m, TensorStorageMetadata)
     }
-    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
     return state, read_dcp_meta(folder)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optree
@@ -26,11 +27,24 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 import gptfn.optim as optim
-from gptfn.distributed import gather_tree, regather_saved
+from gptfn.checkpoint import load_checkpoint
+from gptfn.distributed import (
+    DistEnv,
+    gather_tree,
+    is_sharded,
+    load_dcp,
+    make_mesh,
+    regather_saved,
+    shard,
+    unshard,
+)
 from gptfn.model import block, check_tokens, context, embed, unembed
+from gptfn.settings import OptionError
+from gptfn.train.options import TrainConfig
 from gptfn.train.step import DTYPES
 from gptfn.tree import Tree
 
@@ -134,3 +148,45 @@ def make_sharded_train_step(
         return params, opt_state, {"loss": total / accum_steps, "grad_norm": grad_norm}
 
     return step
+
+
+# ----------------------------------------------------------------------------- the loop's part
+
+
+def fsdp_mesh(cfg: TrainConfig, env: DistEnv) -> DeviceMesh | None:
+    """The device mesh of an ``--fsdp`` run under torchrun, else None. ``--fsdp`` in one
+    process trains as usual and says so; ``--mesh`` without ``--fsdp`` or ``--fsdp`` with
+    ``--shard-optimizer`` are refused by name."""
+    if not cfg.run.fsdp:
+        if cfg.run.mesh:
+            raise OptionError("mesh", cfg.run.mesh, "shapes an --fsdp run; add --fsdp")
+        return None
+    if cfg.run.shard_optimizer:
+        raise OptionError(
+            "shard_optimizer", True, "--fsdp shards the optimizer state already; drop it"
+        )
+    if env.world_size == 1:
+        print(
+            "--fsdp: not launched by torchrun, so this is one process holding the whole model "
+            "(nothing to shard); checkpoints are the usual safetensors files",
+            flush=True,
+        )
+        return None
+    try:
+        return make_mesh(env.device, cfg.run.mesh)
+    except ValueError as err:
+        raise OptionError("mesh", cfg.run.mesh, str(err)) from None
+
+
+def load_state(
+    path: Path, params: Tree, opt_state: Tree, device: str, partial: bool
+) -> tuple[Tree, Tree, dict]:
+    """``(params, opt_state, meta)`` from a safetensors file or a DCP folder, laid out as the
+    templates are (sharded or whole), whatever the world size that wrote it."""
+    if path.is_dir():
+        return load_dcp(path, params, opt_state)
+    if not is_sharded(params):
+        return load_checkpoint(path, opt_state, device, partial)
+    whole_params, whole_opt, meta = load_checkpoint(path, unshard(opt_state), device)
+    mesh = next(x for x in optree.tree_leaves(params) if isinstance(x, DTensor)).device_mesh
+    return shard(whole_params, mesh), shard(whole_opt, mesh), meta

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optree
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gptfn.checkpoint import flat_state, load_checkpoint, read_meta, save_checkpoint
+from gptfn.checkpoint import flat_state, latest_checkpoint, read_meta, save_checkpoint
 from gptfn.compiling import jit
 from gptfn.data import (
     Prefetcher,
@@ -43,13 +42,17 @@ from gptfn.distributed import (
     assign_owners,
     broadcast_from_owners,
     gather_to_main,
+    local_bytes,
     mean_scalar,
+    save_dcp,
     setup,
+    shard,
     teardown,
 )
 from gptfn.model import GPTConfig, init, loss
 from gptfn.optim import loss_scaling
 from gptfn.train.finetune import pretrained_start
+from gptfn.train.fsdp import fsdp_mesh, load_state, make_sharded_train_step, sharded_loss
 from gptfn.train.interrupt import StopSignal, TrainingInterrupted
 from gptfn.train.log import TrainLog
 from gptfn.train.optimizer_options import make_optimizer, state_clash
@@ -79,6 +82,7 @@ class Run:
     step_fn: Callable
     eval_fn: Callable
     owners: dict[str, int] | None  # ZeRO-1: which rank updates each leaf
+    mesh: Any = None  # --fsdp: the DeviceMesh params, grads and optimizer state are sharded on
     start: int = 0
     best_val: float = math.inf
 
@@ -170,12 +174,16 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
     tx = make_optimizer(cfg.optimizer, cfg.run.max_steps, mine)
     tx = loss_scaling(tx) if cfg.run.dtype == "float16" else tx
     opt_state = tx.init(params)
-    _report_state_bytes(opt_state, env, sharded)
-    step_fn = make_train_step(
+    mesh = fsdp_mesh(cfg, env)
+    if mesh is not None:  # --fsdp: each rank keeps its shard of everything
+        params, opt_state = shard(params, mesh), shard(opt_state, mesh)
+    _report_state_bytes(opt_state, env, "fsdp" if mesh is not None else sharded)
+    make = make_sharded_train_step if mesh is not None else make_train_step
+    step_fn = make(
         tx,
         accum_steps=cfg.data.grad_accum,
         dtype=cfg.run.dtype,
-        reduce_grads=all_reduce_mean if env.world_size > 1 else None,
+        **({"reduce_grads": all_reduce_mean} if env.world_size > 1 and mesh is None else {}),
         dropout=cfg.model.dropout,
         remat=cfg.run.remat,
     )
@@ -192,8 +200,9 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         tx=tx,
         opt_state=opt_state,
         step_fn=_maybe_jit(cfg, step_fn, "the train step", env),
-        eval_fn=_maybe_jit(cfg, loss, "the evaluation", env),
+        eval_fn=_maybe_jit(cfg, sharded_loss if mesh is not None else loss, "the evaluation", env),
         owners=owners,
+        mesh=mesh,
     )
 
 
@@ -231,16 +240,16 @@ def _data_dir(cfg: TrainConfig) -> Path:
     return BUILTIN_DATA
 
 
-def _report_state_bytes(opt_state: Tree, env: DistEnv, sharded: bool) -> None:
-    """Under torchrun, print the optimizer-state MiB each rank holds."""
+def _report_state_bytes(opt_state: Tree, env: DistEnv, sharded: bool | str) -> None:
+    """Under torchrun, print the optimizer-state MiB each rank holds (its shards only)."""
     if env.world_size == 1:
         return
     per_rank = [0] * env.world_size
-    own = sum(x.numel() * x.element_size() for x in optree.tree_leaves(opt_state))
+    own = local_bytes(opt_state)
     dist.all_gather_object(per_rank, own)
     if env.is_main:
         sizes = ", ".join(f"{b / 2**20:.2f}" for b in per_rank)
-        kind = "sharded" if sharded else "replicated"
+        kind = sharded if isinstance(sharded, str) else "sharded" if sharded else "replicated"
         print(f"optimizer state per rank (MiB): {sizes} ({kind})", flush=True)
 
 
@@ -250,11 +259,12 @@ def _report_state_bytes(opt_state: Tree, env: DistEnv, sharded: bool) -> None:
 def _resume(run: Run) -> None:
     """With ``resume``, continue from ``last.safetensors`` when it exists. The data, the
     model and the optimizer settings that shape its state are compared first (clear errors),
-    then the optimizer state is loaded."""
-    last = run.run_dir / "last.safetensors"
+    then the optimizer state is loaded. An ``--fsdp`` run's ``last.dcp`` folder is read too,
+    at any world size, sharded or not."""
+    last = latest_checkpoint(run.run_dir)
     if not run.cfg.run.resume:
         return
-    if not last.is_file():
+    if not last.exists():
         if run.env.is_main:
             trim_log(run.run_dir, 0)  # a log without a checkpoint: nothing of it is kept
         return
@@ -281,6 +291,11 @@ def _resume(run: Run) -> None:
     ]
     if diff:
         raise ValueError(f"cannot resume: {last} holds another model ({'; '.join(diff)})")
+    if (rows := saved.get("global_batch", _global_batch(run))) != _global_batch(run):
+        raise ValueError(
+            f"cannot resume: {last} was trained with a global batch of {rows} rows, this run "
+            f"has {_global_batch(run)} (--batch-size x --grad-accum x ranks); keep the product"
+        )
     if clash := state_clash(saved.get("train", {}), run.cfg.optimizer):
         flag, there, here = "--" + clash[0].replace("_", "-"), *clash[1:]
         raise ValueError(
@@ -288,12 +303,17 @@ def _resume(run: Run) -> None:
             f"{flag} {here}; give {flag} {there} to continue it"
         )
     sharded = run.owners is not None
-    params, opt_state, saved = load_checkpoint(last, run.opt_state, run.env.device, sharded)
+    params, opt_state, saved = load_state(last, run.params, run.opt_state, run.env.device, sharded)
     run.params, run.opt_state = params, opt_state
     run.start, run.best_val = saved["step"], saved.get("best_val_loss", math.inf)
     if run.env.is_main:
         trim_log(run.run_dir, run.start)
         print(f"resuming from {last} at step {run.start}", flush=True)
+
+
+def _global_batch(run: Run) -> int:
+    """Rows per optimizer step over all ranks: a resume must keep it (same trajectory)."""
+    return run.cfg.data.batch_size * run.cfg.data.grad_accum * run.env.world_size
 
 
 # ----------------------------------------------------------------------------- the step
@@ -364,10 +384,11 @@ def _save_checkpoints(run: Run, step: int, val_loss: float) -> None:
 
 
 def _checkpoint(run: Run, path: Path, step: int) -> None:
-    """Write params, the full optimizer state (gathered from the shards) and metadata."""
-    flat = flat_state(run.opt_state)
+    """Write params, the full optimizer state (gathered from the shards) and metadata; an
+    ``--fsdp`` run writes a DCP folder (``last.dcp``) from every rank instead."""
+    flat = flat_state(run.opt_state) if run.mesh is None else {}
     full_state = gather_to_main(flat) if run.owners is not None else flat
-    if not run.env.is_main:
+    if not run.env.is_main and run.mesh is None:
         return
     meta = {
         "step": step,
@@ -376,7 +397,11 @@ def _checkpoint(run: Run, path: Path, step: int) -> None:
         "tokenizer": run.tokenizer.to_json(),
         "best_val_loss": run.best_val,
         "data_dir": str(run.data_dir.resolve()),
+        "global_batch": _global_batch(run),
     }
+    if run.mesh is not None:
+        save_dcp(path.with_suffix(".dcp"), run.params, run.opt_state, meta)
+        return
     save_checkpoint(path, run.params, None, meta, flat_opt=full_state)
 
 

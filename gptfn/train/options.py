@@ -64,6 +64,14 @@ def _available(device: str) -> str | None:
     return None
 
 
+def _mesh_shape(spec: str | None) -> str | None:
+    """Why ``spec`` is not a ``--mesh`` shape (REPLICASxSHARDS), or None."""
+    parts = (spec or "1x1").lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        return "expected REPLICASxSHARDS, e.g. 2x2 (replicate over 2 groups of 2 shards)"
+    return None
+
+
 class _ModelSection:
     """The architecture (every ``GPTConfig`` field but the vocabulary size, which the data
     decides) and how training starts (dropout, zero-init, a pretrained model). Options left
@@ -167,6 +175,14 @@ class RunOptions:
     )
     shard_optimizer: bool = option(
         False, "under torchrun, each rank keeps 1/N of the optimizer state (ZeRO-1)"
+    )
+    fsdp: bool = option(
+        False, "under torchrun, shard params, grads and optimizer state over ranks (FSDP)"
+    )
+    mesh: str | None = option(
+        None,
+        "with --fsdp: RxS ranks, replicate over R, shard over S (hybrid, e.g. 2x2)",
+        check=_mesh_shape,
     )
     progress: bool = option(True, "a progress bar (without: one printed line per log record)")
     sample_tokens: int = option(

@@ -8,12 +8,14 @@ it first). Every start removes the temporary files a crash mid-write left behind
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from gptfn.checkpoint import read_meta
 from gptfn.files import atomic_write_text, remove_stale_temps
 
 RUN_FILES = ("last.safetensors", "best.safetensors", "log.jsonl")
+DCP_FOLDERS = ("last.dcp", "best.dcp")  # an --fsdp run's checkpoints (gptfn.distributed.dcp)
 DERIVED_FILES = ("curves.png",)  # written by ``gptfn plot`` from the log
 
 
@@ -23,13 +25,15 @@ class RunExistsError(FileExistsError):
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Raise :class:`RunExistsError` when ``run_dir`` holds a run and neither flag is set."""
-    found = [name for name in RUN_FILES if (run_dir / name).is_file()]
+    found = [name for name in RUN_FILES + DCP_FOLDERS if (run_dir / name).exists()]
     if not found or resume or overwrite:
         return
-    last = run_dir / "last.safetensors"
+    last = next(
+        (p for p in (run_dir / n for n in ("last.dcp", "last.safetensors")) if p.exists()), None
+    )
     try:
-        held = f"a run at step {read_meta(last)['step']}" if last.is_file() else "a run"
-    except (ValueError, KeyError):
+        held = f"a run at step {read_meta(last)['step']}" if last is not None else "a run"
+    except (ValueError, KeyError, FileNotFoundError):
         held = "a run"
     raise RunExistsError(
         f"{run_dir} already holds {held} ({', '.join(found)}). Continue it with --resume, "
@@ -43,6 +47,10 @@ def clear_run(run_dir: Path) -> list[str]:
     for name in RUN_FILES + DERIVED_FILES:
         if (run_dir / name).is_file():
             (run_dir / name).unlink()
+            gone.append(name)
+    for name in DCP_FOLDERS + tuple(n + ".tmp" for n in DCP_FOLDERS):
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)
             gone.append(name)
     return gone
 

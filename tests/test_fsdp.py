@@ -1,0 +1,168 @@
+"""FSDP (``--fsdp``) with torchrun + gloo on loopback: the one-process trajectory on 2 and 4
+ranks, DCP checkpoints that resume on another number of ranks, a 2-node run, a dead rank.
+
+The built-in test corpus has a vocabulary of 59: its embedding rows shard unevenly on 4 ranks.
+Every process is bounded by a timeout and killed with its whole process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import optree
+import pytest
+import torch
+from test_distributed import (  # noqa: F401  (data_dir is a fixture)
+    SMALL,
+    TORCHRUN,
+    _finish,
+    _single,
+    _start,
+    _train_args,
+    _wait_for_step,
+    data_dir,
+)
+
+import gptfn
+from gptfn.checkpoint import load_checkpoint
+
+TRAJ = {**SMALL, "--max-steps": "20", "--eval-interval": "10", "--warmup-steps": "2"}
+LONG = {**TRAJ, "--max-steps": "60", "--eval-interval": "10", "--log-interval": "5"}
+
+
+def _fsdp(data_dir: Path, out: Path, options: dict, n: int, *extra: str, launcher=()):
+    launch = launcher or ("--standalone", "--nproc-per-node", str(n))
+    args = _train_args(data_dir, out, options, "--fsdp", *extra)
+    return _start([*TORCHRUN, *launch, *args], out.parent)
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _same_trajectory(a: Path, b: Path, steps: int = 20, tol: float = 1e-5) -> None:
+    ra, rb = _records(a), _records(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, steps + 1))
+    loss = max(abs(x["train_loss"] - y["train_loss"]) for x, y in zip(ra, rb))
+    norm = max(abs(x["grad_norm"] - y["grad_norm"]) / y["grad_norm"] for x, y in zip(ra, rb))
+    assert loss < tol, f"losses differ by {loss}"
+    assert norm < tol, f"gradient norms differ by {norm} (relative)"
+
+
+def _params_close(a: Path, b: Path, tol: float) -> None:
+    pa, pb = gptfn.load_run(a)[0], gptfn.load_run(b)[0]
+    diff = max(
+        float((x - y).abs().max()) for x, y in zip(optree.tree_leaves(pa), optree.tree_leaves(pb))
+    )
+    assert diff < tol, f"final params differ by {diff}"
+
+
+@pytest.mark.parametrize(
+    "optimizer, ranks, mesh",
+    [("adamw", 2, None), ("adamw", 4, None), ("muon", 2, None), ("muon", 4, "2x2")],
+)
+def test_fsdp_follows_the_one_process_trajectory(data_dir, tmp_path, optimizer, ranks, mesh):
+    """Global batch 16 rows either way: 1 x 4 micro-batches against N ranks x 4/N."""
+    opts = {**TRAJ, "--optimizer": optimizer}
+    one = _single(data_dir, tmp_path / "one", opts, "--grad-accum", "4")
+    extra = ("--grad-accum", str(4 // ranks), *(("--mesh", mesh) if mesh else ()))
+    many = _fsdp(data_dir, tmp_path / "many", opts, ranks, *extra)
+    outputs = _finish([one, many], timeout=300)
+    assert "(fsdp)" in outputs[1] and outputs[1].count("done: 20 steps") == 1
+    _same_trajectory(tmp_path / "one", tmp_path / "many")
+    assert (tmp_path / "many" / "last.dcp" / "meta.json").is_file()
+    _params_close(tmp_path / "one", tmp_path / "many", 1e-5)  # load_run reads the DCP folder
+
+
+def test_dcp_resumes_on_fewer_ranks_after_kill_9(data_dir, tmp_path):
+    """4 ranks killed mid-run -> 2 ranks killed mid-run -> 1 process: the uninterrupted end."""
+    _finish([_single(data_dir, tmp_path / "ref", LONG, "--grad-accum", "4")], timeout=300)
+    run = tmp_path / "run"
+    for ranks, until in ((4, 20), (2, 40)):
+        proc = _fsdp(data_dir, run, LONG, ranks, "--grad-accum", str(4 // ranks), "--resume")
+        try:
+            _wait_for_step(run, until + 5, proc, timeout=240)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers, mid-run
+            proc.communicate()
+    assert json.loads((run / "last.dcp" / "meta.json").read_text())["step"] >= 40
+    single = _single(data_dir, run, LONG, "--grad-accum", "4", "--fsdp", "--resume")
+    (log,) = _finish([single], timeout=300)
+    assert "not launched by torchrun" in log and "resuming from" in log and "last.dcp" in log
+    _params_close(tmp_path / "ref", run, 1e-5)
+    ref_losses = {r["step"]: r["train_loss"] for r in _records(tmp_path / "ref")}
+    assert all(abs(r["train_loss"] - ref_losses[r["step"]]) < 1e-5 for r in _records(run))
+
+
+def test_resume_with_another_global_batch_is_refused(data_dir, tmp_path):
+    _finish([_fsdp(data_dir, tmp_path / "run", TRAJ, 2, "--grad-accum", "1")], timeout=300)
+    again = _single(data_dir, tmp_path / "run", TRAJ, "--grad-accum", "1", "--resume")
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode != 0
+    assert "global batch of 8 rows, this run has 4" in out
+
+
+def test_export_consolidates_a_dcp_run(data_dir, tmp_path):
+    _finish([_fsdp(data_dir, tmp_path / "run", TRAJ, 2)], timeout=300)
+    out = tmp_path / "last.safetensors"
+    meta = gptfn.checkpoint.consolidate(tmp_path / "run" / "last.dcp", out)
+    params, opt, saved = load_checkpoint(out)
+    assert saved["step"] == meta["step"] == 20
+    whole, _, _ = gptfn.checkpoint.read_dcp_checkpoint(tmp_path / "run" / "last.dcp")
+    assert all(
+        torch.equal(x, y) for x, y in zip(optree.tree_leaves(params), optree.tree_leaves(whole))
+    )
+    cmd = [sys.executable, "-m", "gptfn", "export", "--run", str(tmp_path / "run")]
+    done = subprocess.run(
+        [*cmd, "--safetensors", str(tmp_path / "x.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "x.safetensors")[2]["step"] == 20
+
+
+def test_two_nodes_on_loopback_with_fsdp(data_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [
+        _fsdp(
+            data_dir,
+            tmp_path / "nodes",
+            TRAJ,
+            1,
+            "--grad-accum",
+            "2",
+            launcher=(
+                *("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"),
+                *("--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "gptfn-fsdp"),
+                *("--node-rank", str(rank)),
+            ),
+        )
+        for rank in (0, 1)
+    ]
+    one = _single(data_dir, tmp_path / "one", TRAJ, "--grad-accum", "4")
+    _finish([*nodes, one], timeout=300)
+    _same_trajectory(tmp_path / "one", tmp_path / "nodes")
+
+
+def test_a_dead_rank_ends_the_run_with_an_error(data_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = _fsdp(data_dir, run, {**LONG, "--max-steps": "400"}, 2)
+    try:
+        _wait_for_step(run, 5, proc, timeout=120)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        os.kill(int(workers.stdout.split()[0]), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)  # no hang: torchrun ends the other rank
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
