@@ -90,7 +90,13 @@ def export_args(p: argparse.ArgumentParser) -> None:
         default="last",
         help="which checkpoint of the run (default: last)",
     )
-    p.add_argument("--hf", required=True, metavar="OUT_DIR", help="the folder to write")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--hf", metavar="OUT_DIR", help="the folder to write")
+    out.add_argument(
+        "--safetensors",
+        metavar="FILE",
+        help="write one gptfn checkpoint file instead (consolidates an --fsdp run's DCP folder)",
+    )
     p.add_argument(
         "--model-type",
         choices=["gpt2", "llama", "qwen2", "gpt_neox"],
@@ -105,6 +111,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from gptfn.data.tokenizers import tokenizer_json
     from gptfn.pretrained import save_pretrained
 
+    if args.safetensors:
+        return _export_checkpoint(args)
     out = Path(args.hf)
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
@@ -122,6 +130,23 @@ def cmd_export(args: argparse.Namespace) -> None:
         f"wrote {out} (model_type {_model_type(out)}, step {meta['step']}"
         + (", with tokenizer.json)" if has_file else f"; a {kind} tokenizer has no tokenizer.json)")
     )
+
+
+def _export_checkpoint(args: argparse.Namespace) -> None:
+    """``export --safetensors``: the run's checkpoint (a DCP folder consolidated) as one file."""
+    import shutil
+
+    from gptfn.checkpoint import consolidate, latest_checkpoint, read_meta
+
+    out, source = Path(args.safetensors), latest_checkpoint(args.run, args.checkpoint)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if source.is_dir():
+        meta = consolidate(source, out)
+    else:
+        shutil.copyfile(source, out)
+        meta = read_meta(out)
+    print(f"wrote {out} (step {meta['step']}, from {source})")
 
 
 def _model_type(folder: Path) -> str:

@@ -13,6 +13,7 @@ prints, logs and writes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -178,15 +179,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
     if mesh is not None:  # --fsdp: each rank keeps its shard of everything
         params, opt_state = shard(params, mesh), shard(opt_state, mesh)
     _report_state_bytes(opt_state, env, "fsdp" if mesh is not None else sharded)
-    make = make_sharded_train_step if mesh is not None else make_train_step
-    step_fn = make(
-        tx,
-        accum_steps=cfg.data.grad_accum,
-        dtype=cfg.run.dtype,
-        **({"reduce_grads": all_reduce_mean} if env.world_size > 1 and mesh is None else {}),
-        dropout=cfg.model.dropout,
-        remat=cfg.run.remat,
-    )
+    step_fn = _make_step(cfg, env, tx, mesh)
     return Run(
         cfg=cfg,
         env=env,
@@ -203,6 +196,21 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         eval_fn=_maybe_jit(cfg, sharded_loss if mesh is not None else loss, "the evaluation", env),
         owners=owners,
         mesh=mesh,
+    )
+
+
+def _make_step(cfg: TrainConfig, env: DistEnv, tx: Any, mesh: Any) -> Callable:
+    """The pure train step: data parallel (gradients all-reduced) or, with a mesh, FSDP's."""
+    if mesh is not None:
+        make = functools.partial(make_sharded_train_step, tx)
+    else:
+        reduce = all_reduce_mean if env.world_size > 1 else None
+        make = functools.partial(make_train_step, tx, reduce_grads=reduce)
+    return make(
+        accum_steps=cfg.data.grad_accum,
+        dtype=cfg.run.dtype,
+        dropout=cfg.model.dropout,
+        remat=cfg.run.remat,
     )
 
 

@@ -64,7 +64,7 @@ def _available(device: str) -> str | None:
     return None
 
 
-def _mesh_shape(spec: str | None) -> str | None:
+def _mesh_shape(spec: str) -> str | None:
     """Why ``spec`` is not a ``--mesh`` shape (REPLICASxSHARDS), or None."""
     parts = (spec or "1x1").lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -179,9 +179,9 @@ class RunOptions:
     fsdp: bool = option(
         False, "under torchrun, shard params, grads and optimizer state over ranks (FSDP)"
     )
-    mesh: str | None = option(
-        None,
-        "with --fsdp: RxS ranks, replicate over R, shard over S (hybrid, e.g. 2x2)",
+    mesh: str = option(
+        "",
+        "with --fsdp: RxS ranks, replicate over R, shard over S (hybrid, e.g. 2x2; default 1xN)",
         check=_mesh_shape,
     )
     progress: bool = option(True, "a progress bar (without: one printed line per log record)")
