@@ -18,7 +18,7 @@ ALLOWED = {  # part -> the parts (besides foundations and itself) it may import
     "families": {"model"},
     "research": {"model"},
     "generation": {"model"},
-    "checkpoint": {"model", "data"},
+    "checkpoint": {"model", "data", "lora", "pretrained"},  # a LoRA run = a base + adapters
     "pretrained": {"model", "families", "data"},
     "evaluate": {"model", "data", "checkpoint", "generation"},
     "lora": {"model", "families", "pretrained", "files", "tree"},

@@ -90,7 +90,16 @@ def export_args(p: argparse.ArgumentParser) -> None:
         default="last",
         help="which checkpoint of the run (default: last)",
     )
-    p.add_argument("--hf", required=True, metavar="OUT_DIR", help="the folder to write")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--hf", metavar="OUT_DIR", help="write a Hugging Face model folder")
+    out.add_argument(
+        "--peft", metavar="OUT_DIR", help="write a LoRA run's adapters as a PEFT adapter folder"
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --hf, for a LoRA run: write the base model with the adapters merged in",
+    )
     p.add_argument(
         "--model-type",
         choices=["gpt2", "llama", "qwen2", "gpt_neox"],
@@ -100,15 +109,37 @@ def export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """Write a run's checkpoint as a folder ``AutoModelForCausalLM.from_pretrained`` loads."""
-    from gptfn.checkpoint import load_run
+    """Write a run's checkpoint as a folder ``AutoModelForCausalLM.from_pretrained`` loads, or a
+    LoRA run's adapters as a folder ``peft.PeftModel.from_pretrained`` loads."""
+    from gptfn.checkpoint import load_run_parts
+    from gptfn.lora import merge, save_peft
+
+    out = Path(args.hf or args.peft)
+    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    base, trained, tokenizer, meta = load_run_parts(args.run, args.checkpoint)
+    if base is None and (args.peft or args.merge):
+        raise ValueError(
+            f"{args.run} trained every weight (no LoRA adapters): export it with --hf alone"
+        )
+    if args.peft:
+        save_peft(trained, out, base, model_type=args.model_type)
+        print(f"wrote {out} (PEFT LoRA adapter for {meta['lora']['base']}, step {meta['step']})")
+        return
+    if base is not None and not args.merge:
+        raise ValueError(
+            f"{args.run} holds LoRA adapters on {meta['lora']['base']}: write them with --peft "
+            "DIR, or base + adapters as one model with --hf DIR --merge"
+        )
+    _export_hf(out, trained if base is None else merge(base, trained), tokenizer, meta, args)
+
+
+def _export_hf(
+    out: Path, params: Any, tokenizer: Any, meta: dict, args: argparse.Namespace
+) -> None:
     from gptfn.data.tokenizers import tokenizer_json
     from gptfn.pretrained import save_pretrained
 
-    out = Path(args.hf)
-    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    params, tokenizer, meta = load_run(args.run, args.checkpoint)
     has_file = tokenizer_json(tokenizer) is not None
     save_pretrained(
         params,

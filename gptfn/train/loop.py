@@ -47,9 +47,9 @@ from gptfn.distributed import (
     setup,
     teardown,
 )
-from gptfn.model import GPTConfig, init, loss
+from gptfn.model import GPTConfig, init
 from gptfn.optim import loss_scaling
-from gptfn.train.finetune import pretrained_start
+from gptfn.train.finetune import lora_meta, lora_start, pretrained_start
 from gptfn.train.interrupt import StopSignal, TrainingInterrupted
 from gptfn.train.log import TrainLog
 from gptfn.train.optimizer_options import make_optimizer, state_clash
@@ -79,6 +79,7 @@ class Run:
     step_fn: Callable
     eval_fn: Callable
     owners: dict[str, int] | None  # ZeRO-1: which rank updates each leaf
+    base: Tree | None = None  # LoRA: the frozen model; params are then its adapters
     start: int = 0
     best_val: float = math.inf
 
@@ -164,6 +165,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         model = cfg.model.gpt_config(vocab_size)
         params = init(model, cfg.run.seed, device=env.device, zero_out_proj=cfg.model.zero_init)
     model_cfg = GPTConfig.from_params(params)
+    base, params, loss_fn = lora_start(cfg, params)  # LoRA: train adapters on a frozen base
     sharded = cfg.run.shard_optimizer and env.world_size > 1
     owners = assign_owners(params, env.world_size) if sharded else None
     mine = (lambda path, leaf: owners[path] == env.rank) if sharded else None
@@ -171,8 +173,11 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
     tx = loss_scaling(tx) if cfg.run.dtype == "float16" else tx
     opt_state = tx.init(params)
     _report_state_bytes(opt_state, env, sharded)
+    if base is not None and env.is_main:
+        _report_lora(base, params, opt_state)
     step_fn = make_train_step(
         tx,
+        loss_fn,
         accum_steps=cfg.data.grad_accum,
         dtype=cfg.run.dtype,
         reduce_grads=all_reduce_mean if env.world_size > 1 else None,
@@ -192,8 +197,9 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         tx=tx,
         opt_state=opt_state,
         step_fn=_maybe_jit(cfg, step_fn, "the train step", env),
-        eval_fn=_maybe_jit(cfg, loss, "the evaluation", env),
+        eval_fn=_maybe_jit(cfg, loss_fn, "the evaluation", env),
         owners=owners,
+        base=base,
     )
 
 
@@ -244,6 +250,18 @@ def _report_state_bytes(opt_state: Tree, env: DistEnv, sharded: bool) -> None:
         print(f"optimizer state per rank (MiB): {sizes} ({kind})", flush=True)
 
 
+def _report_lora(base: Tree, adapters: Tree, opt_state: Tree) -> None:
+    """What LoRA trains: adapter parameters against the frozen model's, and the optimizer
+    state's bytes (it holds the adapters' moments only)."""
+    state = sum(x.numel() * x.element_size() for x in optree.tree_leaves(opt_state))
+    mine, theirs = param_count(adapters), param_count(base)
+    print(
+        f"LoRA: training {mine:,} adapter parameters ({100 * mine / theirs:.2f}% of the frozen "
+        f"model's {theirs:,}); optimizer state {state / 2**20:.2f} MiB",
+        flush=True,
+    )
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -288,7 +306,10 @@ def _resume(run: Run) -> None:
             f"{flag} {here}; give {flag} {there} to continue it"
         )
     sharded = run.owners is not None
-    params, opt_state, saved = load_checkpoint(last, run.opt_state, run.env.device, sharded)
+    template = run.params if run.base is not None else None  # LoRA: the adapters' structure
+    params, opt_state, saved = load_checkpoint(
+        last, run.opt_state, run.env.device, sharded, params_template=template
+    )
     run.params, run.opt_state = params, opt_state
     run.start, run.best_val = saved["step"], saved.get("best_val_loss", math.inf)
     if run.env.is_main:
@@ -377,6 +398,8 @@ def _checkpoint(run: Run, path: Path, step: int) -> None:
         "best_val_loss": run.best_val,
         "data_dir": str(run.data_dir.resolve()),
     }
+    if run.base is not None:
+        meta["lora"] = lora_meta(run.cfg)
     save_checkpoint(path, run.params, None, meta, flat_opt=full_state)
 
 
