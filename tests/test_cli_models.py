@@ -9,6 +9,7 @@ the follow-up checks call ``gptfn.cli.main`` in-process (quicker), as in test_cl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,3 +287,33 @@ def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_exports(llama, 
     bad = ["train", "--data", str(data), "--out", str(tmp_path / "x"), "--lora-rank", "4"]
     assert main(bad) == 1
     assert "--lora-rank: invalid value 4: LoRA adapts a pretrained model" in capsys.readouterr().err
+
+
+TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
+
+
+def test_eval_tasks_runs_the_harness_on_a_folder_and_a_run(llama, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "results.json"
+    args = ["--tasks", "gptfn_tiny", "--include-path", str(TASKS), "--limit", "3"]
+    assert main(["eval", "--model", str(llama), *args, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for task in ("gptfn_tiny_mc", "gptfn_tiny_ppl", "gptfn_tiny_gen"):
+        assert task in printed
+    results = json.loads(out.read_text())["results"]
+    assert (
+        results["gptfn_tiny_mc"]["acc,none"] >= 0
+        and "word_perplexity,none" in (results["gptfn_tiny_ppl"])
+    )
+    assert main(["eval", "--model", str(llama), "--tasks", "no_such_task"]) == 1
+    assert "no_such_task" in capsys.readouterr().err
+    # a run: the JSON lands beside it, a new file each time
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare", "--input", str(llama.parent / "plays.txt"), "--tokenizer",
+                 str(llama), "--out", str(data)]) == 0  # fmt: skip
+    assert main(["train", "--init-from", str(llama), "--data", str(data), "--out", str(run),
+                 *FINE_TUNE, "--max-steps", "1"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), *args]) == 0
+    written = list((run / "lm_eval").glob("gptfn_tiny-*.json"))
+    assert len(written) == 1 and "gptfn_tiny_gen" in json.loads(written[0].read_text())["results"]
