@@ -6,6 +6,7 @@ training step built on each (``make_train_step`` with the old or the new ``loss`
 them in one loop on the same weights and batches; prints medians and the ratio now / before.
 
     python experiments/bench_arch.py [--before df286b1] [--repeats 20] [--threads 2] [--generate 3]
+    python experiments/bench_arch.py --package --before 6bcc65c   # the whole package then
 
 ``--generate N`` adds greedy decoding at ``bench_generate.py``'s sizes, old generation module
 against today's, N rounds.
@@ -14,7 +15,9 @@ against today's, N rounds.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
+import re
 import statistics
 import subprocess
 import sys
@@ -44,6 +47,19 @@ def load_module_at(rev: str, file: str, name: str):
 
 def load_model_at(rev: str):
     return load_module_at(rev, "gptfn/model.py", "model_before")
+
+
+def load_package_at(rev: str):
+    """The whole ``gptfn`` package as it was at ``rev``, imported as ``gptfn_before`` (every
+    ``gptfn`` name in it rewritten, so both versions live in one process)."""
+    root = Path(tempfile.mkdtemp())
+    archive = subprocess.run(["git", "archive", rev, "gptfn"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+    (root / "gptfn").rename(root / "gptfn_before")
+    for path in (root / "gptfn_before").rglob("*.py"):
+        path.write_text(re.sub(r"\bgptfn\b", "gptfn_before", path.read_text()))
+    sys.path.insert(0, str(root))
+    return importlib.import_module("gptfn_before")
 
 
 def bench_generation(rev: str, repeats: int) -> None:
@@ -97,10 +113,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--generate", type=int, default=0, help="repeats of the decode bench")
+    parser.add_argument(
+        "--package", action="store_true",
+        help="'before' is the whole package at --before (a revision where gptfn/model/ is a "
+        "package, e.g. 6bcc65c, before the house moved): its own forward, loss and init",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gptfn.set_runtime_checks(False)  # as in bench_train: measure the model, not the checks
-    before = load_model_at(args.before)
+    before = load_package_at(args.before) if args.package else load_model_at(args.before)
+    if args.package:
+        before.set_runtime_checks(False)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
         f"{args.repeats}, interleaved; 'before' = gptfn/model.py at {args.before}"
@@ -118,6 +141,8 @@ def main() -> None:
         cfg = gptfn.GPTConfig(75, max(seq, 128), n_layer, heads, width)
         params = gptfn.init(cfg, seed=0)
         old_params = {k: v for k, v in params.items() if k != "config"}  # as the old init made
+        if args.package:  # the old package's own tree (same draws), carrying its own config
+            old_params = before.init(before.GPTConfig(75, max(seq, 128), n_layer, heads, width))
         toks = torch.randint(0, 75, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
         x, y = toks[:, :-1], toks[:, 1:]
         repeats = args.repeats * (10 if width < 128 else 1)  # tiny: more rounds, same time
@@ -146,7 +171,7 @@ def main() -> None:
             f"{med['now'] * 1e3:.2f} | {med['now'] / med['before']:.3f} | {med['ratio']:.3f} |",
             flush=True,
         )
-    if args.generate:
+    if args.generate and not args.package:
         bench_generation(args.before, args.generate)
 
 

@@ -16,10 +16,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from gptfn import lora
 from gptfn.data.tokenizers import Tokenizer, tokenizer_from_json
 from gptfn.distributed.dcp import read_dcp, read_dcp_meta
 from gptfn.files import atomic_write
 from gptfn.model import GPTConfig, check_params
+from gptfn.pretrained import load_pretrained
 from gptfn.tree import Tree, flatten, unflatten
 
 
@@ -89,42 +91,65 @@ def load_checkpoint(
     opt_template: Tree | None = None,
     device: torch.device | str = "cpu",
     partial: bool = False,
+    params_template: Tree | None = None,
 ) -> tuple[Tree, Tree | None, dict]:
     """Read a checkpoint: ``(params, opt_state, meta)``.
 
     ``opt_template`` (e.g. ``tx.init(params)``) gives the optimizer state its structure; without
     it ``opt_state`` is None. A template that does not match the saved state is an error, except
     that with ``partial`` the saved state may hold more (a rank's shard of a full state).
+    ``params_template`` does the same for the saved tree when it is not a model (a LoRA run's
+    adapters); without it the file's tree is a model, its architecture re-attached and checked.
     """
-    tensors, meta, config = _read(Path(path))
-    params = unflatten({k[7:]: v.to(device) for k, v in tensors.items() if k.startswith("params.")})
-    if isinstance(meta.get("model"), dict):  # training's record of the model, every field
-        meta["model"] = GPTConfig.from_dict(meta["model"]).to_dict()  # (older files: fewer)
-        config = meta["model"] if config is None else config
-    if config is not None:  # re-attach the architecture (files without any: GPT-2 shapes)
-        params["config"] = GPTConfig.from_dict(config)
-        check_params(params)
+    path = Path(path)
+    tensors, meta, config = _read(path)
+    if params_template is not None:
+        params = _restore(tensors, "params", params_template, path, "parameters", device)
+    else:
+        params = unflatten(
+            {k[7:]: v.to(device) for k, v in tensors.items() if k.startswith("params.")}
+        )
+        if isinstance(meta.get("model"), dict):  # training's record of the model, every field
+            meta["model"] = GPTConfig.from_dict(meta["model"]).to_dict()  # (older files: fewer)
+            config = meta["model"] if config is None else config
+        if config is not None:  # re-attach the architecture (files without any: GPT-2 shapes)
+            params["config"] = GPTConfig.from_dict(config)
+            check_params(params)
     opt_state = None
     if opt_template is not None:
-        names, leaves, spec = _opt_paths(opt_template)
-        saved = {k[4:] for k in tensors if k.startswith("opt.")}
-        if not set(names) <= saved or (not partial and saved != set(names)):
-            missing, extra = sorted(set(names) - saved)[:3], sorted(saved - set(names))[:3]
-            raise ValueError(
-                f"optimizer state in {path} does not match this optimizer "
-                f"(missing {missing}, unexpected {extra}): was it another --optimizer?"
-            )
-        restored = []
-        for name, like in zip(names, leaves):
-            value = tensors[f"opt.{name}"]
-            if value.shape != like.shape:
-                raise ValueError(
-                    f"optimizer state {name} has shape {tuple(value.shape)} in {path}, "
-                    f"expected {tuple(like.shape)}"
-                )
-            restored.append(value.to(device=like.device, dtype=like.dtype))
-        opt_state = optree.tree_unflatten(spec, restored)
+        opt_state = _restore(tensors, "opt", opt_template, path, "optimizer state", None, partial)
     return params, opt_state, meta
+
+
+def _restore(
+    tensors: dict[str, torch.Tensor],
+    prefix: str,
+    template: Tree,
+    path: Path,
+    what: str,
+    device: torch.device | str | None,
+    partial: bool = False,
+) -> Tree:
+    """``template``'s tree with each leaf read from ``{prefix}.{dotted path}`` (on the
+    template leaf's device and dtype, or ``device``); a mismatch names what differs."""
+    names, leaves, spec = _opt_paths(template)
+    saved = {k[len(prefix) + 1 :] for k in tensors if k.startswith(prefix + ".")}
+    if not set(names) <= saved or (not partial and saved != set(names)):
+        missing, extra = sorted(set(names) - saved)[:3], sorted(saved - set(names))[:3]
+        hint = "was it another --optimizer?" if prefix == "opt" else "were they other adapters?"
+        raise ValueError(
+            f"{what} in {path} does not match (missing {missing}, unexpected {extra}): {hint}"
+        )
+    restored = []
+    for name, like in zip(names, leaves):
+        value = tensors[f"{prefix}.{name}"]
+        if value.shape != like.shape:
+            raise ValueError(
+                f"{what} {name} has shape {tuple(value.shape)} in {path}, "
+                f"expected {tuple(like.shape)}"
+            )
+        restored.append(value.to(device=device or like.device, dtype=like.dtype))
+    return optree.tree_unflatten(spec, restored)
 
 
 def checkpoint_path(run_dir: str | Path, which: str = "last") -> Path:
@@ -165,14 +190,46 @@ def consolidate(folder: str | Path, out: str | Path) -> dict:
 
 
 def load_run(run_dir: str | Path, which: str = "last") -> tuple[Tree, Tokenizer, dict]:
-    """``params, tokenizer, meta`` of a training run's latest (or best) checkpoint: its
-    safetensors file, or its DCP folder (an ``--fsdp`` run)."""
+    """``params, tokenizer, meta`` of a training run's latest (or best) checkpoint; a LoRA
+    run's params are its base model with the adapters merged in."""
+    base, trained, tokenizer, meta = load_run_parts(run_dir, which)
+    return (trained if base is None else lora.merge(base, trained)), tokenizer, meta
+
+
+def load_run_parts(
+    run_dir: str | Path, which: str = "last"
+) -> tuple[Tree | None, Tree, Tokenizer, dict]:
+    """``(base, trained, tokenizer, meta)`` of a run's checkpoint: for a LoRA run the frozen base
+    model (read again from ``meta["lora"]["base"]``, the run's ``--init-from``) and the trained
+    adapters; otherwise ``None`` and the params."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run directory {run_dir}")
     path = latest_checkpoint(run_dir, which)
-    if path.is_dir():
+    if path.is_dir():  # an --fsdp run's DCP folder
         params, _, meta = read_dcp_checkpoint(path)
-    else:
+        return None, params, tokenizer_from_json(meta["tokenizer"]), meta
+    meta = read_meta(path)
+    if "lora" not in meta:
         params, _, meta = load_checkpoint(path)
-    return params, tokenizer_from_json(meta["tokenizer"]), meta
+        return None, params, tokenizer_from_json(meta["tokenizer"]), meta
+    base = lora_base(meta)
+    adapters, _, meta = load_checkpoint(path, params_template=lora_template(base, meta))
+    return base, adapters, tokenizer_from_json(meta["tokenizer"]), meta
+
+
+def lora_base(meta: dict, device: torch.device | str = "cpu") -> Tree:
+    """The frozen base model of a LoRA run (float32), as its ``--init-from`` names it."""
+    source = meta["lora"]["base"]
+    try:
+        return load_pretrained(source, dtype=torch.float32, device=device)
+    except (FileNotFoundError, OSError) as err:
+        raise FileNotFoundError(
+            f"this LoRA run adapts {source}, which cannot be read now: {err}"
+        ) from None
+
+
+def lora_template(base: Tree, meta: dict) -> Tree:
+    """Adapters shaped as a LoRA run's (its rank, alpha and targets), to read the saved ones."""
+    options = meta["lora"]
+    return lora.init(base, options["rank"], options["alpha"], tuple(options["targets"]))

@@ -9,15 +9,17 @@ the follow-up checks call ``gptfn.cli.main`` in-process (quicker), as in test_cl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from hf_models import transformers
+from safetensors.torch import load_file
 from test_cli import TINY, run_all
 from test_cli import gptfn as command
 
 import gptfn as gf
-from gptfn.checkpoint import load_run, save_checkpoint
+from gptfn.checkpoint import load_run, load_run_parts, save_checkpoint
 from gptfn.cli import main
 from gptfn.data import prepare, shakespeare
 from gptfn.evaluate import windows
@@ -232,3 +234,86 @@ def test_export_of_an_architecture_no_family_holds_says_why(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no Hugging Face family fits this model" in err and "qk_norm=True" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_lora_fine_tune_trains_adapters_only_resumes_exactly_and_exports(llama, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    data, run, cut = tmp_path / "data", tmp_path / "run", tmp_path / "cut"
+    assert main(["prepare", "--input", str(llama.parent / "plays.txt"), "--tokenizer",
+                 str(llama), "--out", str(data)]) == 0  # fmt: skip
+    lora = ["train", "--init-from", str(llama), "--data", str(data), *FINE_TUNE, "--lora-rank",
+            "4", "--lora-alpha", "8", "--lora-targets", "q,v,gate", "--optimizer", "adamw",
+            "--lr", "3e-2"]  # fmt: skip
+    assert main([*lora, "--out", str(run), "--max-steps", "4"]) == 0
+    assert "LoRA: training " in capsys.readouterr().out
+    # the checkpoint holds the adapters only (small), the optimizer state adapters only
+    tensors = load_file(run / "last.safetensors")
+    assert tensors and all(".a" in k or ".b" in k for k in tensors if k.startswith("params."))
+    moments = [k for k in tensors if k.startswith("opt.") and (".mu." in k or ".nu." in k)]
+    assert moments and all(k.split(".")[-1] in ("a", "b") for k in moments), moments[:3]
+    base, adapters, _, meta = load_run_parts(run)
+    assert meta["lora"] == {"base": str(llama), "rank": 4, "alpha": 8.0,
+                            "targets": ["w_q", "w_v", "w_gate"]}  # fmt: skip
+    before = gf.load_pretrained(llama, dtype=torch.float32)
+    for k, v in gf.tree.flatten(base).items():
+        assert torch.equal(v, gf.tree.flatten(before)[k]), k  # the base is untouched
+    b = adapters["blocks"][0]["attn"]["w_q"]["b"]
+    assert float(b.abs().max()) > 0  # B moved from zero: the adapters trained
+    merged = load_run(run)[0]  # sample / eval read base + adapters
+    torch.testing.assert_close(merged["wte"], before["wte"])
+    assert not torch.equal(merged["blocks"][0]["attn"]["w_q"], before["blocks"][0]["attn"]["w_q"])
+    assert main(["sample", "--run", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "3"]) == 0
+    # resume is exact: 2 steps, stop, 2 more == 4 straight
+    assert main([*lora, "--out", str(cut), "--max-steps", "2"]) == 0
+    assert main([*lora, "--out", str(cut), "--max-steps", "4", "--resume"]) == 0
+    for k, v in load_file(run / "last.safetensors").items():
+        assert torch.equal(v, load_file(cut / "last.safetensors")[k]), k
+    capsys.readouterr()
+    # exports: PEFT adapter (same logits in peft), merged HF model, and the refusals
+    assert main(["export", "--run", str(run), "--hf", str(tmp_path / "no")]) == 1
+    assert "--peft DIR, or base + adapters as one model with --hf DIR --merge" in (
+        capsys.readouterr().err
+    )
+    assert main(["export", "--run", str(run), "--peft", str(tmp_path / "peft")]) == 0
+    assert main(["export", "--run", str(run), "--hf", str(tmp_path / "hf"), "--merge"]) == 0
+    ids = torch.tensor([[0, 5, 9, 17, 33]])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama).eval()
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(ids).logits
+        merged_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(ids).logits
+    ours = gf.forward(merged, ids)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged_hf, ours, atol=1e-5, rtol=1e-5)
+    bad = ["train", "--data", str(data), "--out", str(tmp_path / "x"), "--lora-rank", "4"]
+    assert main(bad) == 1
+    assert "--lora-rank: invalid value 4: LoRA adapts a pretrained model" in capsys.readouterr().err
+
+
+TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
+
+
+def test_eval_tasks_runs_the_harness_on_a_folder_and_a_run(llama, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "results.json"
+    args = ["--tasks", "gptfn_tiny", "--include-path", str(TASKS), "--limit", "3"]
+    assert main(["eval", "--model", str(llama), *args, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for task in ("gptfn_tiny_mc", "gptfn_tiny_ppl", "gptfn_tiny_gen"):
+        assert task in printed
+    results = json.loads(out.read_text())["results"]
+    assert (
+        results["gptfn_tiny_mc"]["acc,none"] >= 0
+        and "word_perplexity,none" in (results["gptfn_tiny_ppl"])
+    )
+    assert main(["eval", "--model", str(llama), "--tasks", "no_such_task"]) == 1
+    assert "no_such_task" in capsys.readouterr().err
+    # a run: the JSON lands beside it, a new file each time
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare", "--input", str(llama.parent / "plays.txt"), "--tokenizer",
+                 str(llama), "--out", str(data)]) == 0  # fmt: skip
+    assert main(["train", "--init-from", str(llama), "--data", str(data), "--out", str(run),
+                 *FINE_TUNE, "--max-steps", "1"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), *args]) == 0
+    written = list((run / "lm_eval").glob("gptfn_tiny-*.json"))
+    assert len(written) == 1 and "gptfn_tiny_gen" in json.loads(written[0].read_text())["results"]

@@ -18,7 +18,8 @@ ALLOWED = {  # part -> the parts (besides foundations and itself) it may import
     "families": {"model"},
     "research": {"model"},
     "generation": {"model"},
-    "checkpoint": {"model", "data", "distributed"},  # load_run reads FSDP runs' DCP folders
+    "checkpoint": {"model", "data", "lora", "pretrained", "distributed"},  # LoRA: base +
+    # adapters; distributed: load_run reads an --fsdp run's DCP folder
     "pretrained": {"model", "families", "data"},
     "evaluate": {"model", "data", "checkpoint", "generation"},
     "lora": {"model", "families", "pretrained", "files", "tree"},

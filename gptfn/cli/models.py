@@ -91,11 +91,19 @@ def export_args(p: argparse.ArgumentParser) -> None:
         help="which checkpoint of the run (default: last)",
     )
     out = p.add_mutually_exclusive_group(required=True)
-    out.add_argument("--hf", metavar="OUT_DIR", help="the folder to write")
+    out.add_argument("--hf", metavar="OUT_DIR", help="write a Hugging Face model folder")
+    out.add_argument(
+        "--peft", metavar="OUT_DIR", help="write a LoRA run's adapters as a PEFT adapter folder"
+    )
     out.add_argument(
         "--safetensors",
         metavar="FILE",
-        help="write one gptfn checkpoint file instead (consolidates an --fsdp run's DCP folder)",
+        help="write one gptfn checkpoint file (consolidates an --fsdp run's DCP folder)",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --hf, for a LoRA run: write the base model with the adapters merged in",
     )
     p.add_argument(
         "--model-type",
@@ -106,17 +114,39 @@ def export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """Write a run's checkpoint as a folder ``AutoModelForCausalLM.from_pretrained`` loads."""
-    from gptfn.checkpoint import load_run
-    from gptfn.data.tokenizers import tokenizer_json
-    from gptfn.pretrained import save_pretrained
+    """Write a run's checkpoint as a folder ``AutoModelForCausalLM.from_pretrained`` loads, or a
+    LoRA run's adapters as a folder ``peft.PeftModel.from_pretrained`` loads."""
+    from gptfn.checkpoint import load_run_parts
+    from gptfn.lora import merge, save_peft
 
     if args.safetensors:
         return _export_checkpoint(args)
-    out = Path(args.hf)
+    out = Path(args.hf or args.peft)
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    params, tokenizer, meta = load_run(args.run, args.checkpoint)
+    base, trained, tokenizer, meta = load_run_parts(args.run, args.checkpoint)
+    if base is None and (args.peft or args.merge):
+        raise ValueError(
+            f"{args.run} trained every weight (no LoRA adapters): export it with --hf alone"
+        )
+    if args.peft:
+        save_peft(trained, out, base, model_type=args.model_type)
+        print(f"wrote {out} (PEFT LoRA adapter for {meta['lora']['base']}, step {meta['step']})")
+        return
+    if base is not None and not args.merge:
+        raise ValueError(
+            f"{args.run} holds LoRA adapters on {meta['lora']['base']}: write them with --peft "
+            "DIR, or base + adapters as one model with --hf DIR --merge"
+        )
+    _export_hf(out, trained if base is None else merge(base, trained), tokenizer, meta, args)
+
+
+def _export_hf(
+    out: Path, params: Any, tokenizer: Any, meta: dict, args: argparse.Namespace
+) -> None:
+    from gptfn.data.tokenizers import tokenizer_json
+    from gptfn.pretrained import save_pretrained
+
     has_file = tokenizer_json(tokenizer) is not None
     save_pretrained(
         params,
@@ -201,6 +231,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from gptfn.evaluate import evaluate, evaluate_run
 
+    if args.tasks is not None:
+        return _eval_tasks(args)
+
     options = dict(
         data=args.data,
         text=args.text,
@@ -221,6 +254,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         for key, value in report.items():
             print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
+
+
+def _eval_tasks(args: argparse.Namespace) -> None:
+    """``gptfn eval --tasks``: lm-evaluation-harness tasks on the model in memory; prints the
+    harness's table and writes its JSON (beside a --run, or at --output)."""
+    try:
+        from gptfn.lm_eval import evaluate_tasks, format_table
+    except ImportError as err:
+        raise ValueError(f"--tasks needs lm-eval: {err}") from None
+    options = dict(
+        include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    if args.model is not None:
+        results = evaluate_tasks(args.model, None, args.tasks, dtype=args.dtype, **options)
+    else:
+        params, tokenizer, _ = load_model(args)
+        results = evaluate_tasks(params, tokenizer, args.tasks, dtype=args.dtype, **options)
+    print(format_table(results))
+    out = args.output or (None if args.run is None else _results_path(Path(args.run), args.tasks))
+    if out is not None:
+        from gptfn.files import atomic_write_text
+
+        atomic_write_text(Path(out), json.dumps(results, indent=2, default=str))
+        print(f"wrote {out}")
+
+
+def _results_path(run_dir: Path, tasks: str) -> Path:
+    """``RUN/lm_eval/<tasks>-<time>.json``: a new file each time, never over another."""
+    import time
+
+    name = "_".join(t.strip() for t in tasks.split(",") if t.strip())[:80]
+    return run_dir / "lm_eval" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
 def sample_args(p: argparse.ArgumentParser) -> None:
@@ -256,3 +322,19 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="(default 32)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--compile", action="store_true", help="score with one torch.compile'd graph")
+    tasks = p.add_argument_group(
+        "lm-evaluation-harness (pip install 'gptfn[eval]')",
+        "score the model on the harness's tasks instead, in memory (no conversion)",
+    )
+    tasks.add_argument("--tasks", help="task, group or tag names, comma-separated")
+    tasks.add_argument("--include-path", help="a folder of your own task YAML files")
+    tasks.add_argument("--limit", type=POSITIVE, help="documents per task (default: all)")
+    tasks.add_argument("--num-fewshot", type=COUNT, help="few-shot examples (default: the task's)")
+    tasks.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the weights' dtype for --tasks (default: as stored for --model, float32 for --run)",
+    )
+    tasks.add_argument(
+        "--output", help="the results JSON (default with --run: RUN/lm_eval/TASKS-TIME.json)"
+    )

@@ -11,18 +11,22 @@ tokenizer would mean other words to the model, a silent wrong result.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from gptfn import lora
 from gptfn.data import load_meta, load_tokenizer, load_tokens
 from gptfn.data.tokenizers import Tokenizer, tokenizer_mismatch
-from gptfn.model import GPTConfig
+from gptfn.model import GPTConfig, loss
 from gptfn.pretrained import load_pretrained, load_pretrained_tokenizer
 from gptfn.settings import OptionError
 from gptfn.shapes import Params
-from gptfn.train.options import ARCHITECTURE, TrainConfig, recipe_section
+from gptfn.train.options import ARCHITECTURE, TrainConfig, lora_targets, recipe_section
 
 SAMPLE_TOKENS = 2048  # of each split, decoded and tokenized again by the model's tokenizer
 
@@ -111,3 +115,33 @@ def with_pretrained_architecture(cfg: TrainConfig, model: GPTConfig) -> TrainCon
         )
     theirs["block_size"] = cfg.model.block_size if "block_size" in given else model.block_size
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **theirs))
+
+
+def lora_start(cfg: TrainConfig, params: Params) -> tuple[Params | None, Params, Callable]:
+    """``(base, trained, loss_fn)``: with ``--lora-rank`` the frozen ``params``, fresh adapters
+    (A drawn from the run's seed, B zero, so training starts at the base model) and the loss of
+    base + adapters; otherwise ``(None, params, gptfn.loss)``."""
+    if not cfg.model.lora_rank:
+        return None, params, loss
+    options = lora_meta(cfg)
+    adapters = lora.init(
+        params, options["rank"], options["alpha"], tuple(options["targets"]), cfg.run.seed
+    )
+    return params, adapters, functools.partial(_lora_loss, params)
+
+
+def _lora_loss(base: Params, adapters: Params, tokens: Any, targets: Any, **kwargs: Any) -> Any:
+    """The loss of the base model with the adapters merged in (gradients reach the adapters
+    only: the base is a constant here)."""
+    return loss(lora.merge(base, adapters), tokens, targets, **kwargs)
+
+
+def lora_meta(cfg: TrainConfig) -> dict[str, Any]:
+    """What a LoRA run's checkpoints record to rebuild base + adapters: the base model (the
+    run's ``--init-from``), the rank, alpha and target weights."""
+    return {
+        "base": cfg.model.init_from,
+        "rank": cfg.model.lora_rank,
+        "alpha": cfg.model.lora_alpha,
+        "targets": list(lora_targets(cfg.model.lora_targets)),
+    }

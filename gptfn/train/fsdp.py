@@ -161,6 +161,8 @@ def fsdp_mesh(cfg: TrainConfig, env: DistEnv) -> DeviceMesh | None:
         if cfg.run.mesh:
             raise OptionError("mesh", cfg.run.mesh, "shapes an --fsdp run; add --fsdp")
         return None
+    if cfg.model.lora_rank:
+        raise OptionError("lora_rank", cfg.model.lora_rank, "LoRA with --fsdp is not supported")
     if cfg.run.shard_optimizer:
         raise OptionError(
             "shard_optimizer", True, "--fsdp shards the optimizer state already; drop it"
@@ -179,14 +181,20 @@ def fsdp_mesh(cfg: TrainConfig, env: DistEnv) -> DeviceMesh | None:
 
 
 def load_state(
-    path: Path, params: Tree, opt_state: Tree, device: str, partial: bool
+    path: Path,
+    params: Tree,
+    opt_state: Tree,
+    device: str,
+    partial: bool,
+    params_template: Tree | None = None,
 ) -> tuple[Tree, Tree, dict]:
     """``(params, opt_state, meta)`` from a safetensors file or a DCP folder, laid out as the
-    templates are (sharded or whole), whatever the world size that wrote it."""
+    templates are (sharded or whole), whatever the world size that wrote it; the other
+    arguments are :func:`gptfn.checkpoint.load_checkpoint`'s."""
     if path.is_dir():
         return load_dcp(path, params, opt_state)
     if not is_sharded(params):
-        return load_checkpoint(path, opt_state, device, partial)
+        return load_checkpoint(path, opt_state, device, partial, params_template)
     whole_params, whole_opt, meta = load_checkpoint(path, unshard(opt_state), device)
     mesh = next(x for x in optree.tree_leaves(params) if isinstance(x, DTensor)).device_mesh
     return shard(whole_params, mesh), shard(whole_opt, mesh), meta

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optree
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -50,9 +51,9 @@ from gptfn.distributed import (
     shard,
     teardown,
 )
-from gptfn.model import GPTConfig, init, loss
+from gptfn.model import GPTConfig, init
 from gptfn.optim import loss_scaling
-from gptfn.train.finetune import pretrained_start
+from gptfn.train.finetune import lora_meta, lora_start, pretrained_start
 from gptfn.train.fsdp import fsdp_mesh, load_state, make_sharded_train_step, sharded_loss
 from gptfn.train.interrupt import StopSignal, TrainingInterrupted
 from gptfn.train.log import TrainLog
@@ -83,6 +84,7 @@ class Run:
     step_fn: Callable
     eval_fn: Callable
     owners: dict[str, int] | None  # ZeRO-1: which rank updates each leaf
+    base: Tree | None = None  # LoRA: the frozen model; params are then its adapters
     mesh: Any = None  # --fsdp: the DeviceMesh params, grads and optimizer state are sharded on
     start: int = 0
     best_val: float = math.inf
@@ -169,6 +171,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         model = cfg.model.gpt_config(vocab_size)
         params = init(model, cfg.run.seed, device=env.device, zero_out_proj=cfg.model.zero_init)
     model_cfg = GPTConfig.from_params(params)
+    base, params, loss_fn = lora_start(cfg, params)  # LoRA: train adapters on a frozen base
     sharded = cfg.run.shard_optimizer and env.world_size > 1
     owners = assign_owners(params, env.world_size) if sharded else None
     mine = (lambda path, leaf: owners[path] == env.rank) if sharded else None
@@ -177,9 +180,11 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
     opt_state = tx.init(params)
     mesh = fsdp_mesh(cfg, env)
     if mesh is not None:  # --fsdp: each rank keeps its shard of everything
-        params, opt_state = shard(params, mesh), shard(opt_state, mesh)
+        params, opt_state, loss_fn = shard(params, mesh), shard(opt_state, mesh), sharded_loss
     _report_state_bytes(opt_state, env, "fsdp" if mesh is not None else sharded)
-    step_fn = _make_step(cfg, env, tx, mesh)
+    if base is not None and env.is_main:
+        _report_lora(base, params, opt_state)
+    step_fn = _make_step(cfg, env, tx, loss_fn, mesh)
     return Run(
         cfg=cfg,
         env=env,
@@ -193,19 +198,20 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         tx=tx,
         opt_state=opt_state,
         step_fn=_maybe_jit(cfg, step_fn, "the train step", env),
-        eval_fn=_maybe_jit(cfg, sharded_loss if mesh is not None else loss, "the evaluation", env),
+        eval_fn=_maybe_jit(cfg, loss_fn, "the evaluation", env),
         owners=owners,
+        base=base,
         mesh=mesh,
     )
 
 
-def _make_step(cfg: TrainConfig, env: DistEnv, tx: Any, mesh: Any) -> Callable:
+def _make_step(cfg: TrainConfig, env: DistEnv, tx: Any, loss_fn: Callable, mesh: Any) -> Callable:
     """The pure train step: data parallel (gradients all-reduced) or, with a mesh, FSDP's."""
     if mesh is not None:
         make = functools.partial(make_sharded_train_step, tx)
     else:
         reduce = all_reduce_mean if env.world_size > 1 else None
-        make = functools.partial(make_train_step, tx, reduce_grads=reduce)
+        make = functools.partial(make_train_step, tx, loss_fn, reduce_grads=reduce)
     return make(
         accum_steps=cfg.data.grad_accum,
         dtype=cfg.run.dtype,
@@ -261,6 +267,18 @@ def _report_state_bytes(opt_state: Tree, env: DistEnv, sharded: bool | str) -> N
         print(f"optimizer state per rank (MiB): {sizes} ({kind})", flush=True)
 
 
+def _report_lora(base: Tree, adapters: Tree, opt_state: Tree) -> None:
+    """What LoRA trains: adapter parameters against the frozen model's, and the optimizer
+    state's bytes (it holds the adapters' moments only)."""
+    state = sum(x.numel() * x.element_size() for x in optree.tree_leaves(opt_state))
+    mine, theirs = param_count(adapters), param_count(base)
+    print(
+        f"LoRA: training {mine:,} adapter parameters ({100 * mine / theirs:.2f}% of the frozen "
+        f"model's {theirs:,}); optimizer state {state / 2**20:.2f} MiB",
+        flush=True,
+    )
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -311,7 +329,10 @@ def _resume(run: Run) -> None:
             f"{flag} {here}; give {flag} {there} to continue it"
         )
     sharded = run.owners is not None
-    params, opt_state, saved = load_state(last, run.params, run.opt_state, run.env.device, sharded)
+    template = run.params if run.base is not None else None  # LoRA: the adapters' structure
+    params, opt_state, saved = load_state(
+        last, run.params, run.opt_state, run.env.device, sharded, params_template=template
+    )
     run.params, run.opt_state = params, opt_state
     run.start, run.best_val = saved["step"], saved.get("best_val_loss", math.inf)
     if run.env.is_main:
@@ -407,6 +428,8 @@ def _checkpoint(run: Run, path: Path, step: int) -> None:
         "data_dir": str(run.data_dir.resolve()),
         "global_batch": _global_batch(run),
     }
+    if run.base is not None:
+        meta["lora"] = lora_meta(run.cfg)
     if run.mesh is not None:
         save_dcp(path.with_suffix(".dcp"), run.params, run.opt_state, meta)
         return

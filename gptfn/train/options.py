@@ -83,6 +83,10 @@ class _ModelSection:
             self.gpt_config(vocab_size=2)  # GPTConfig's checks of fields together
         except OptionError as err:
             raise OptionError(err.name.removeprefix("GPTConfig."), err.value, err.problem) from None
+        if self.lora_rank and self.init_from is None:
+            raise OptionError(
+                "lora_rank", self.lora_rank, "LoRA adapts a pretrained model: give --init-from"
+            )
 
     def architecture(self) -> dict[str, Any]:
         """The fields that describe the architecture, by their ``GPTConfig`` names."""
@@ -108,8 +112,47 @@ TRAINING_ONLY = {
             "architecture is used and its tokenizer must be the data's"
         ),
     ),
+    "lora_rank": (
+        int,
+        option(
+            0, "with init_from: train LoRA adapters of this rank on the frozen model (0: train "
+            "every weight)", low=0,
+        ),
+    ),
+    "lora_alpha": (float, option(16.0, "LoRA's alpha: updates are (alpha / rank) B A", above=0)),
+    "lora_targets": (
+        str,
+        option(
+            "q,v", "the weights LoRA adapts, comma-separated: q, k, v, o, qkv (attention), "
+            "gate, in, out (MLP), unembed", check=lambda text: lora_targets_problem(text),
+        ),
+    ),
 }  # fmt: skip
 """Model options that are not the architecture: how training starts and runs."""
+
+
+LORA_TARGETS = {
+    "q": "w_q", "k": "w_k", "v": "w_v", "o": "w_o", "qkv": "w_qkv", "gate": "w_gate",
+    "in": "w_in", "out": "w_out", "unembed": "unembed",
+}  # fmt: skip
+"""``--lora-targets`` names (``w_q`` etc. are accepted too) -> the tree's weight names."""
+
+
+def lora_targets(text: str) -> tuple[str, ...]:
+    """The tree's weight names of a ``--lora-targets`` value (``"q,v"`` -> ``w_q, w_v``)."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    return tuple(LORA_TARGETS.get(name, name) for name in names)
+
+
+def lora_targets_problem(text: str) -> str | None:
+    """Why ``text`` is not a list of LoRA targets, or None."""
+    names = lora_targets(text)
+    bad = [n for n in names if n not in LORA_TARGETS.values()]
+    if not names or bad:
+        return f"comma-separated names from {', '.join(LORA_TARGETS)}" + (
+            f"; unknown: {', '.join(bad)}" if bad else ""
+        )
+    return None
 
 
 def _architecture_fields() -> list[tuple[str, Any, Any]]:
