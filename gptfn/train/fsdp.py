@@ -110,6 +110,11 @@ def _ranks(params: Tree) -> int:
     return 1
 
 
+def _plain_scalar(x: Any) -> Any:
+    """A 0-d DTensor as a plain tensor (the same on every rank); anything else unchanged."""
+    return x.full_tensor() if isinstance(x, DTensor) and x.ndim == 0 else x
+
+
 def make_sharded_train_step(
     tx: optim.GradientTransformation,
     *,
@@ -143,9 +148,11 @@ def make_sharded_train_step(
         grad_norm = optim.leaf_ops().norm(optree.tree_leaves(grads))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        return params, opt_state, {"loss": total / accum_steps, "grad_norm": grad_norm}
+        # scalars computed from shards (a loss scale from the gradients' norm) come out as 0-d
+        # DTensors: keep them plain, as shard() left them
+        opt_state = optree.tree_map(_plain_scalar, opt_state)
+        metrics = {"loss": total / accum_steps, "grad_norm": _plain_scalar(grad_norm)}
+        return params, opt_state, metrics
 
     return step
 
@@ -161,6 +168,8 @@ def fsdp_mesh(cfg: TrainConfig, env: DistEnv) -> DeviceMesh | None:
         if cfg.run.mesh:
             raise OptionError("mesh", cfg.run.mesh, "shapes an --fsdp run; add --fsdp")
         return None
+    if cfg.run.compile:
+        raise OptionError("compile", True, "compiling the --fsdp step is not supported yet")
     if cfg.model.lora_rank:
         raise OptionError("lora_rank", cfg.model.lora_rank, "LoRA with --fsdp is not supported")
     if cfg.run.shard_optimizer:
