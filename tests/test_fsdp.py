@@ -151,6 +151,9 @@ def test_export_consolidates_a_dcp_run(data_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert load_checkpoint(tmp_path / "x.safetensors")[2]["step"] == 20
+    sample = [sys.executable, "-m", "gptfn", "sample", "--run", str(tmp_path / "run")]
+    done = subprocess.run([*sample, "--max-new-tokens", "8"], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_two_nodes_on_loopback_with_fsdp(data_dir, tmp_path):
