@@ -166,13 +166,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         params = init(model, cfg.run.seed, device=env.device, zero_out_proj=cfg.model.zero_init)
     model_cfg = GPTConfig.from_params(params)
     base, params, loss_fn = lora_start(cfg, params)  # LoRA: train adapters on a frozen base
-    sharded = cfg.run.shard_optimizer and env.world_size > 1
-    owners = assign_owners(params, env.world_size) if sharded else None
-    mine = (lambda path, leaf: owners[path] == env.rank) if sharded else None
-    tx = make_optimizer(cfg.optimizer, cfg.run.max_steps, mine)
-    tx = loss_scaling(tx) if cfg.run.dtype == "float16" else tx
-    opt_state = tx.init(params)
-    _report_state_bytes(opt_state, env, sharded)
+    tx, opt_state, owners = _optimizer(cfg, env, params)
     if base is not None and env.is_main:
         _report_lora(base, params, opt_state)
     step_fn = make_train_step(
@@ -201,6 +195,19 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         owners=owners,
         base=base,
     )
+
+
+def _optimizer(cfg: TrainConfig, env: DistEnv, params: Tree) -> tuple[Any, Tree, dict | None]:
+    """The run's optimizer (loss-scaled for float16), its state, and under ZeRO-1 which rank
+    updates each leaf."""
+    sharded = cfg.run.shard_optimizer and env.world_size > 1
+    owners = assign_owners(params, env.world_size) if sharded else None
+    mine = (lambda path, leaf: owners[path] == env.rank) if sharded else None
+    tx = make_optimizer(cfg.optimizer, cfg.run.max_steps, mine)
+    tx = loss_scaling(tx) if cfg.run.dtype == "float16" else tx
+    opt_state = tx.init(params)
+    _report_state_bytes(opt_state, env, sharded)
+    return tx, opt_state, owners
 
 
 def _maybe_jit(cfg: TrainConfig, fn: Callable, name: str, env: DistEnv) -> Callable:
