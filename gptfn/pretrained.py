@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from gptfn.data.tokenizers import HFTokenizer, Tokenizer, tokenizer_json
 from gptfn.families import family, from_hf, hf_config, to_hf
 from gptfn.model import GPTConfig
 from gptfn.shapes import Params
-from gptfn.tree import cast
 
 _FILES = [
     "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -101,8 +101,11 @@ def load_pretrained(
     Args:
       path_or_id: a folder with ``config.json`` and safetensors weights, or a model id such as
         ``"HuggingFaceTB/SmolLM2-135M"`` in the Hugging Face cache.
-      dtype: cast floating-point weights to this dtype (default: as stored).
-      device: where the tensors go.
+      dtype: floating-point weights in this dtype (default: as stored), converted tensor by
+        tensor as they are read: a float32 folder loaded as bfloat16 peaks at the bfloat16
+        model plus one float32 tensor.
+      device: where the tensors go, each as it is read (``"cuda"``; ``"meta"`` reads shapes
+        and dtypes only, no data: the tree for planning memory or sharding).
       revision, cache_dir, local_files_only: passed to ``huggingface_hub`` for model ids.
 
     Returns:
@@ -124,9 +127,37 @@ def load_pretrained(
     for file in _weight_files(folder):
         if not file.is_file():
             raise FileNotFoundError(f"{file.name}, listed in {folder}'s index, is missing")
-        state |= load_file(str(file), device=str(device))
-    params = from_hf(state, hf)
-    return params if dtype is None else cast(params, dtype)
+        state |= _read_weights(file, dtype, torch.device(device))
+    return from_hf(state, hf)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _read_weights(
+    file: Path, dtype: torch.dtype | None, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One safetensors file's tensors, each converted to ``dtype`` and moved to ``device`` as it
+    is read (so a float32 file loaded as bfloat16 never holds a float32 copy of the model, and a
+    GPU load never holds a CPU copy); ``device="meta"`` reads shapes and dtypes only."""
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if device.type == "meta":
+                view = f.get_slice(name)
+                stored = _SAFETENSORS_DTYPES[view.get_dtype()]
+                kind = dtype if dtype is not None and stored.is_floating_point else stored
+                out[name] = torch.empty(view.get_shape(), dtype=kind, device="meta")
+                continue
+            tensor = f.get_tensor(name)
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            out[name] = tensor.to(device)
+    return out
 
 
 def load_pretrained_tokenizer(path_or_id: str | Path, **resolve_kwargs: Any) -> HFTokenizer:
