@@ -103,7 +103,7 @@ def load_pretrained(
         ``"HuggingFaceTB/SmolLM2-135M"`` in the Hugging Face cache.
       dtype: floating-point weights in this dtype (default: as stored), converted tensor by
         tensor as they are read: a float32 folder loaded as bfloat16 peaks at the bfloat16
-        model plus one float32 tensor.
+        model plus 64 MiB. As stored, the weights are memory-mapped.
       device: where the tensors go, each as it is read (``"cuda"``; ``"meta"`` reads shapes
         and dtypes only, no data: the tree for planning memory or sharding).
       revision, cache_dir, local_files_only: passed to ``huggingface_hub`` for model ids.
@@ -141,23 +141,46 @@ _SAFETENSORS_DTYPES = {
 def _read_weights(
     file: Path, dtype: torch.dtype | None, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """One safetensors file's tensors, each converted to ``dtype`` and moved to ``device`` as it
-    is read (so a float32 file loaded as bfloat16 never holds a float32 copy of the model, and a
-    GPU load never holds a CPU copy); ``device="meta"`` reads shapes and dtypes only."""
+    """One safetensors file's tensors. As stored on the CPU: memory-mapped (nothing is copied
+    until used). Otherwise each tensor is read with a plain file read, converted to ``dtype``
+    and moved to ``device`` before the next is read, so a float32 file loaded as bfloat16 peaks
+    at the bfloat16 model plus 64 MiB (no mapped float32 pages stay resident), and a
+    GPU load never holds the model in CPU memory; ``device="meta"`` reads the header only."""
+    if dtype is None and device.type == "cpu":
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     out: dict[str, torch.Tensor] = {}
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            if device.type == "meta":
-                view = f.get_slice(name)
-                stored = _SAFETENSORS_DTYPES[view.get_dtype()]
-                kind = dtype if dtype is not None and stored.is_floating_point else stored
-                out[name] = torch.empty(view.get_shape(), dtype=kind, device="meta")
+    with open(file, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header, base = json.loads(fh.read(size)), 8 + size
+        for name, info in header.items():
+            if name == "__metadata__":
                 continue
-            tensor = f.get_tensor(name)
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            out[name] = tensor.to(device)
+            stored = _SAFETENSORS_DTYPES[info["dtype"]]
+            kind = dtype if dtype is not None and stored.is_floating_point else stored
+            if device.type == "meta":
+                out[name] = torch.empty(info["shape"], dtype=kind, device="meta")
+                continue
+            fh.seek(base + info["data_offsets"][0])
+            out[name] = _read_tensor(fh, info["shape"], stored, kind).to(device)
     return out
+
+
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _read_tensor(fh: Any, shape: list[int], stored: torch.dtype, kind: torch.dtype) -> torch.Tensor:
+    """The tensor at the file's position, read in chunks of ~64 MiB converted from ``stored`` to
+    ``kind`` straight into the result (so converting holds one chunk of the stored dtype)."""
+    result = torch.empty(shape, dtype=kind)
+    flat = result.view(-1)
+    step = max(1, _CHUNK_BYTES // stored.itemsize)
+    for start in range(0, flat.numel(), step):
+        count = min(step, flat.numel() - start)
+        raw = torch.empty(count * stored.itemsize, dtype=torch.uint8)
+        fh.readinto(raw.numpy())
+        flat[start : start + count] = raw.view(stored)
+    return result
 
 
 def load_pretrained_tokenizer(path_or_id: str | Path, **resolve_kwargs: Any) -> HFTokenizer:

@@ -208,16 +208,22 @@ def test_dtype_and_device_on_load_convert_tensor_by_tensor(tmp_path):
     assert meta["config"] == cfg and meta["wte"].device.type == "meta"
     assert meta["wte"].dtype == torch.bfloat16 and meta["wte"].shape == params["wte"].shape
     code = textwrap.dedent(f"""
-        import resource, torch, gptfn
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        import pathlib, torch, gptfn
+        def status(field):
+            lines = pathlib.Path("/proc/self/status").read_text().splitlines()
+            return next(int(l.split()[1]) * 1024 for l in lines if l.startswith(field + ":"))
+        pathlib.Path("/proc/self/clear_refs").write_text("5")  # a new peak from here
+        before = status("VmRSS")
         params = gptfn.load_pretrained({str(folder)!r}, dtype=torch.bfloat16)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         assert all(x.dtype == torch.bfloat16 for x in gptfn.tree.leaves(params))
-        print((after - before) * 1024)
+        print(status("VmHWM") - before)
     """)
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak memory is read from Linux's /proc")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak = int(out.stdout.split()[-1])
-    # the bfloat16 model is half the float32 bytes; a full float32 copy would add all of them
-    assert peak < 0.8 * fp32_bytes, (peak, fp32_bytes)
+    # the bfloat16 model is half the float32 bytes (+ a 64 MiB chunk); a float32 copy would
+    # add all of them
+    assert peak < 0.5 * fp32_bytes + 80 * 2**20, (peak, fp32_bytes)
     loaded = gptfn.load_pretrained(folder, dtype=torch.bfloat16)
     torch.testing.assert_close(loaded["wte"], params["wte"].to(torch.bfloat16), rtol=0, atol=0)
