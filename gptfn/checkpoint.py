@@ -136,9 +136,14 @@ def _restore(
     saved = {k[len(prefix) + 1 :] for k in tensors if k.startswith(prefix + ".")}
     if not set(names) <= saved or (not partial and saved != set(names)):
         missing, extra = sorted(set(names) - saved)[:3], sorted(saved - set(names))[:3]
-        hint = "was it another --optimizer?" if prefix == "opt" else "were they other adapters?"
+        this, hint = (
+            ("this optimizer", "another --optimizer")
+            if prefix == "opt"
+            else ("these adapters", "other --lora-* options")
+        )
         raise ValueError(
-            f"{what} in {path} does not match (missing {missing}, unexpected {extra}): {hint}"
+            f"{what} in {path} does not match {this} (missing {missing}, unexpected {extra}): "
+            f"was it {hint}?"
         )
     restored = []
     for name, like in zip(names, leaves):

@@ -74,8 +74,11 @@ def init_cache(params: Params, batch: int, max_len: int, pad: Tensor | None = No
     return {"layers": layers, "pad": pad, "length": length}
 
 
-def extend(params: Params, tokens: Tensor, cache: Cache) -> tuple[Tensor, Cache]:
-    """Run ``tokens`` [batch, n] after what the cache holds: logits [batch, n, vocab], new cache."""
+def extend(
+    params: Params, tokens: Tensor, cache: Cache, last_only: bool = False
+) -> tuple[Tensor, Cache]:
+    """Run ``tokens`` [batch, n] after what the cache holds: logits [batch, n, vocab] (with
+    ``last_only`` [batch, 1, vocab], the last position's), new cache."""
     start, n = cache["length"], tokens.shape[1]
     max_len = cache["layers"][0]["k"].shape[1]
     if not torch.compiler.is_compiling() and int(start) + n > max_len:
@@ -93,7 +96,7 @@ def extend(params: Params, tokens: Tensor, cache: Cache) -> tuple[Tensor, Cache]
     query = slots[None, :, None]
     mask = (((key >= pad[:, None, None]) & (key <= query)) | (key == query))[:, None]
     ctx = context(params, positions, mask=mask, caches=cache["layers"], slots=slots)
-    logits = run_blocks(params, tokens, positions, ctx)
+    logits = run_blocks(params, tokens, positions, ctx, last_only=last_only)
     return logits, {"layers": cache["layers"], "pad": pad, "length": start + n}
 
 
@@ -223,7 +226,7 @@ def _prefill_and_sample(
     params: Params, tokens: Tensor, cache: Cache, uniform: Tensor, *sampling: Any
 ) -> tuple[Tensor, Cache]:
     """Run a prompt [batch, n] into the cache and pick each row's next token."""
-    logits, cache = extend(params, tokens, cache)
+    logits, cache = extend(params, tokens, cache, last_only=True)
     return sample_from_uniform(logits[:, -1], uniform, *sampling), cache
 
 

@@ -253,6 +253,8 @@ class GPTFNLM(TemplateLM):
       prefix_token_id: the token that stands for an empty context (default BOS, else EOS).
       max_gen_toks: new tokens per generation when a task does not say.
       checkpoint: ``"last"`` or ``"best"`` checkpoint of a run directory.
+      compile: generate with ``torch.compile``d prefill and decode steps (the same tokens;
+        ``"true"`` as a string works, for ``model_args``).
     """
 
     def __init__(
@@ -269,8 +271,12 @@ class GPTFNLM(TemplateLM):
         prefix_token_id: int | None = None,
         max_gen_toks: int = 256,
         checkpoint: str = "last",
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        self._compile = (
+            compile.lower() in ("true", "1", "yes") if isinstance(compile, str) else bool(compile)
+        )
         if isinstance(params, (str, Path)):
             params, pretrained = None, params
         if (params is None) == (pretrained is None):
@@ -501,7 +507,10 @@ class GPTFNLM(TemplateLM):
         done = [False] * len(prompts)
         if max_new <= 0:
             return new
-        for step in gptfn.generate_stream(self._params, prompts, max_new, **sampling):
+        stream = gptfn.generate_stream(
+            self._params, prompts, max_new, compile=self._compile, **sampling
+        )
+        for step in stream:
             for i, token in enumerate(step):
                 if not done[i] and token is not None:
                     new[i].append(token)

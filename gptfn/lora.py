@@ -40,13 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optree
 import safetensors.torch
 import torch
-import torch.utils._pytree as torch_pytree
 from einops import rearrange
 
 from gptfn.families import hf_config
+from gptfn.tree import register_static
 
 TARGETS = ("w_q", "w_k", "w_v", "w_qkv", "w_o", "w_gate", "w_in", "w_out", "unembed")
 """The weights LoRA can adapt (leaf names of the parameter tree, plus the fused ``w_qkv``)."""
@@ -145,18 +144,7 @@ def _scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-optree.register_pytree_node(
-    LoRAConfig,
-    lambda c: ((), c, ()),
-    lambda c, _children: c,
-    namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"),
-)
-torch_pytree.register_pytree_node(
-    LoRAConfig,
-    lambda c: ([], c),
-    lambda _children, c: c,
-    serialized_type_name="gptfn.lora.LoRAConfig",
-)
+register_static(LoRAConfig, "gptfn.lora.LoRAConfig")
 
 
 # ----------------------------------------------------------------------------- shapes

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from gptfn.data.tokenizers import HFTokenizer, Tokenizer, tokenizer_json
 from gptfn.families import family, from_hf, hf_config, to_hf
 from gptfn.model import GPTConfig
 from gptfn.shapes import Params
-from gptfn.tree import cast
 
 _FILES = [
     "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -101,8 +101,11 @@ def load_pretrained(
     Args:
       path_or_id: a folder with ``config.json`` and safetensors weights, or a model id such as
         ``"HuggingFaceTB/SmolLM2-135M"`` in the Hugging Face cache.
-      dtype: cast floating-point weights to this dtype (default: as stored).
-      device: where the tensors go.
+      dtype: floating-point weights in this dtype (default: as stored), converted tensor by
+        tensor as they are read: a float32 folder loaded as bfloat16 peaks at the bfloat16
+        model plus 64 MiB. As stored, the weights are memory-mapped.
+      device: where the tensors go, each as it is read (``"cuda"``; ``"meta"`` reads shapes
+        and dtypes only, no data: the tree for planning memory or sharding).
       revision, cache_dir, local_files_only: passed to ``huggingface_hub`` for model ids.
 
     Returns:
@@ -124,9 +127,60 @@ def load_pretrained(
     for file in _weight_files(folder):
         if not file.is_file():
             raise FileNotFoundError(f"{file.name}, listed in {folder}'s index, is missing")
-        state |= load_file(str(file), device=str(device))
-    params = from_hf(state, hf)
-    return params if dtype is None else cast(params, dtype)
+        state |= _read_weights(file, dtype, torch.device(device))
+    return from_hf(state, hf)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _read_weights(
+    file: Path, dtype: torch.dtype | None, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One safetensors file's tensors. As stored on the CPU: memory-mapped (nothing is copied
+    until used). Otherwise each tensor is read with a plain file read, converted to ``dtype``
+    and moved to ``device`` before the next is read, so a float32 file loaded as bfloat16 peaks
+    at the bfloat16 model plus 64 MiB (no mapped float32 pages stay resident), and a
+    GPU load never holds the model in CPU memory; ``device="meta"`` reads the header only."""
+    if dtype is None and device.type == "cpu":
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    out: dict[str, torch.Tensor] = {}
+    with open(file, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header, base = json.loads(fh.read(size)), 8 + size
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            stored = _SAFETENSORS_DTYPES[info["dtype"]]
+            kind = dtype if dtype is not None and stored.is_floating_point else stored
+            if device.type == "meta":
+                out[name] = torch.empty(info["shape"], dtype=kind, device="meta")
+                continue
+            fh.seek(base + info["data_offsets"][0])
+            out[name] = _read_tensor(fh, info["shape"], stored, kind).to(device)
+    return out
+
+
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _read_tensor(fh: Any, shape: list[int], stored: torch.dtype, kind: torch.dtype) -> torch.Tensor:
+    """The tensor at the file's position, read in chunks of ~64 MiB converted from ``stored`` to
+    ``kind`` straight into the result (so converting holds one chunk of the stored dtype)."""
+    result = torch.empty(shape, dtype=kind)
+    flat = result.view(-1)
+    step = max(1, _CHUNK_BYTES // stored.itemsize)
+    for start in range(0, flat.numel(), step):
+        count = min(step, flat.numel() - start)
+        raw = torch.empty(count * stored.itemsize, dtype=torch.uint8)
+        fh.readinto(raw.numpy())
+        flat[start : start + count] = raw.view(stored)
+    return result
 
 
 def load_pretrained_tokenizer(path_or_id: str | Path, **resolve_kwargs: Any) -> HFTokenizer:

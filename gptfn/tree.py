@@ -12,6 +12,7 @@ from typing import Any
 
 import optree
 import torch
+import torch.utils._pytree as torch_pytree
 from torch import Tensor
 
 Tree = Any
@@ -102,3 +103,19 @@ def cast(tree: Tree, dtype: torch.dtype) -> Tree:
 def zeros_like(tree: Tree) -> Tree:
     """A tree of zeros with the structure, shapes and dtypes of ``tree``."""
     return optree.tree_map(torch.zeros_like, tree)
+
+
+def register_static(cls: type, name: str) -> None:
+    """Make instances of ``cls`` static data in a tree: a node with no children (the value is
+    the node's metadata), in optree's global registry and in ``torch.utils._pytree`` (as
+    ``name``), so tree maps, ``vmap``, ``grad``, optimizers and checkpoints see tensors only
+    and rebuild the value untouched."""
+    optree.register_pytree_node(
+        cls,
+        lambda value: ((), value, ()),
+        lambda value, _children: value,
+        namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"),
+    )
+    torch_pytree.register_pytree_node(
+        cls, lambda value: ([], value), lambda _children, value: value, serialized_type_name=name
+    )

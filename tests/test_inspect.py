@@ -384,3 +384,39 @@ def test_costly_names_cost_nothing_unless_asked(params, monkeypatch):
         params, toks, names=["blocks.0.attn.result", "blocks.1.attn.k_input", "ln_f.rms"]
     )
     assert calls == {"per_head_inputs": 1, "fused_out": 5, "fused_norm": 14}
+
+
+def test_cache_keeps_only_the_asked_globs_stops_early_and_moves_to_a_dtype(monkeypatch):
+    from gptfn.model import attention
+
+    cfg = gptfn.GPTConfig(vocab_size=40, block_size=16, n_layer=3, n_head=2, n_embd=16)
+    params = gptfn.init(cfg, seed=3)
+    toks = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    full_logits, full = gptfn.run_with_cache(params, toks)
+    gptfn.activation_names(params)  # (its one meta forward runs the reference path: before)
+    calls = []
+    original = attention._reference_attention
+    monkeypatch.setattr(
+        attention, "_reference_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    logits, cache = gptfn.run_with_cache(params, toks, names=["blocks.*.resid_post", "embed"])
+    assert sorted(cache) == ["blocks.0.resid_post", "blocks.1.resid_post", "blocks.2.resid_post",
+                             "embed"]  # fmt: skip
+    assert not calls, "the fused kernel serves when no attention pattern is asked for"
+    torch.testing.assert_close(logits, full_logits)
+    for name, value in cache.items():
+        torch.testing.assert_close(value, full[name])
+    _, cache = gptfn.run_with_cache(params, toks, names=["blocks.1.attn.pattern"])
+    assert calls and cache["blocks.1.attn.pattern"].shape == (2, 2, 9, 9)  # asked: computed
+    resid, cache = gptfn.run_with_cache(
+        params, toks, names=["blocks.*.resid_pre"], stop_at_layer=2, dtype=torch.bfloat16
+    )
+    torch.testing.assert_close(resid, full["blocks.2.resid_pre"])  # the stream entering block 2
+    assert sorted(cache) == ["blocks.0.resid_pre", "blocks.1.resid_pre"]
+    assert all(v.dtype == torch.bfloat16 for v in cache.values())
+    with pytest.raises(KeyError, match=r"come after stop_at_layer=1"):
+        gptfn.run_with_cache(params, toks, names=["blocks.2.resid_post"], stop_at_layer=1)
+    with pytest.raises(KeyError, match="matches no activation name"):
+        gptfn.run_with_cache(params, toks, names=["blocks.*.nothing"])
+    with pytest.raises(ValueError, match=r"stop_at_layer must be in \[0, 3\]"):
+        gptfn.run_with_cache(params, toks, stop_at_layer=4)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optree
 import pytest
 import torch
 
@@ -346,3 +347,17 @@ def test_import_gptfn_does_not_import_lm_eval():
     root = str(Path(__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_a_lora_merge_and_compiled_generation_evaluate_like_any_tree(task_manager):
+    from gptfn import lora
+
+    params, tok = small_model(), tiny_tokenizer("gpt2")
+    adapters = lora.init(params, rank=2, targets=("w_q", "w_v"), seed=1)
+    adapters = optree.tree_map(lambda t: t + 0.5, adapters)  # B non-zero: the merge moves
+    merged = lora.merge(params, adapters)
+    results = metrics(run_tasks(GPTFNLM(merged, tok), task_manager))
+    assert results != metrics(run_tasks(GPTFNLM(params, tok), task_manager))
+    generation = generation_requests()
+    eager = GPTFNLM(merged, tok).generate_until(generation, True)
+    assert GPTFNLM(merged, tok, compile="true").generate_until(generation, True) == eager

@@ -189,3 +189,41 @@ def test_save_pretrained_with_a_tokenizer(tmp_path):
     char = gptfn.data.tokenizers.CharTokenizer("abc")
     with pytest.raises(ValueError, match=r"'char' tokenizer has no tokenizer\.json"):
         gptfn.save_pretrained(gptfn.init(cfg), tmp_path / "other", char)
+
+
+def test_dtype_and_device_on_load_convert_tensor_by_tensor(tmp_path):
+    """A float32 folder loaded as bfloat16 never holds the float32 model (peak memory of a
+    fresh process, Linux's ru_maxrss); ``device="meta"`` reads shapes and dtypes only."""
+    import subprocess
+    import sys
+    import textwrap
+
+    cfg = gptfn.GPTConfig(vocab_size=8192, block_size=64, n_layer=4, n_head=8, n_embd=512,
+                          position="rotary", norm="rmsnorm", mlp="swiglu", bias=False,
+                          tie_embeddings=False)  # fmt: skip
+    params = gptfn.init(cfg)
+    folder = gptfn.save_pretrained(params, tmp_path / "fp32")
+    fp32_bytes = sum(x.numel() * 4 for x in gptfn.tree.leaves(params))
+    meta = gptfn.load_pretrained(folder, device="meta", dtype=torch.bfloat16)
+    assert meta["config"] == cfg and meta["wte"].device.type == "meta"
+    assert meta["wte"].dtype == torch.bfloat16 and meta["wte"].shape == params["wte"].shape
+    code = textwrap.dedent(f"""
+        import pathlib, torch, gptfn
+        def status(field):
+            lines = pathlib.Path("/proc/self/status").read_text().splitlines()
+            return next(int(l.split()[1]) * 1024 for l in lines if l.startswith(field + ":"))
+        pathlib.Path("/proc/self/clear_refs").write_text("5")  # a new peak from here
+        before = status("VmRSS")
+        params = gptfn.load_pretrained({str(folder)!r}, dtype=torch.bfloat16)
+        assert all(x.dtype == torch.bfloat16 for x in gptfn.tree.leaves(params))
+        print(status("VmHWM") - before)
+    """)
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak memory is read from Linux's /proc")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak = int(out.stdout.split()[-1])
+    # the bfloat16 model is half the float32 bytes (+ a 64 MiB chunk); a float32 copy would
+    # add all of them
+    assert peak < 0.5 * fp32_bytes + 80 * 2**20, (peak, fp32_bytes)
+    loaded = gptfn.load_pretrained(folder, dtype=torch.bfloat16)
+    torch.testing.assert_close(loaded["wte"], params["wte"].to(torch.bfloat16), rtol=0, atol=0)

@@ -23,34 +23,11 @@ TINY = [
 def test_muon_run_logs_both_learning_rates_as_applied_and_plain_lines_in_a_file(data_dir, tmp_path):
     run = tmp_path / "run"
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "gptfn",
-                "train",
-                "--data",
-                str(data_dir),
-                "--out",
-                str(run),
-                *TINY,
-                "--optimizer",
-                "muon",
-                "--muon-lr",
-                "0.05",
-                "--lr",
-                "0.004",
-                "--warmup-steps",
-                "3",
-                "--max-steps",
-                "6",
-                "--eval-interval",
-                "6",
-            ],
-            stdout=out,
-            stderr=err,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip  (a progress bar is on by default: the output is a file, so no bar)
+        command = [sys.executable, "-m", "gptfn", "train", "--data", str(data_dir), "--out",
+                   str(run), *TINY, "--optimizer", "muon", "--muon-lr", "0.05", "--lr", "0.004",
+                   "--warmup-steps", "3", "--max-steps", "6", "--eval-interval", "6"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # progress on (the default), into files
+        done = subprocess.run(command, stdout=out, stderr=err, env=env)
     stdout, stderr = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
     assert done.returncode == 0, stderr
     assert "\r" not in stdout + stderr, "progress-bar redraws in a log file"

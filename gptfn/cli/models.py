@@ -12,6 +12,7 @@ from typing import Any
 from gptfn.cli.flags import COUNT, POSITIVE, number
 
 TOKENIZER_KINDS = ("char", "bpe", "gpt2")
+DTYPES = ("float32", "bfloat16", "float16", "stored")
 
 
 def add_model_source(p: argparse.ArgumentParser) -> None:
@@ -22,29 +23,40 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
         "--model",
         metavar="PATH_OR_ID",
         help="a pretrained model: a Hugging Face folder (config.json, safetensors, "
-        "tokenizer.json) or a model id in the local Hugging Face cache; read as float32",
+        "tokenizer.json) or a model id in the local Hugging Face cache",
     )
     p.add_argument(
         "--checkpoint",
         choices=["last", "best"],
         help="which checkpoint of the --run (default: last)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="the weights' dtype in memory: a --model is converted tensor by tensor as it is "
+        "read, so bfloat16 never holds a float32 copy; 'stored' keeps the folder's (default: "
+        "float32)",
+    )
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, dict | None]:
     """``(params, tokenizer, meta)`` of ``--run`` (meta: the checkpoint's) or ``--model``
     (meta: None)."""
-    if args.model is None:
-        from gptfn.checkpoint import load_run
-
-        return load_run(args.run, args.checkpoint or "last")
-    if args.checkpoint is not None:
-        raise ValueError("--checkpoint chooses a checkpoint of a --run; --model has none")
     import torch
 
+    dtype = None if args.dtype == "stored" else getattr(torch, args.dtype)
+    if args.model is None:
+        from gptfn.checkpoint import load_run
+        from gptfn.tree import cast
+
+        params, tokenizer, meta = load_run(args.run, args.checkpoint or "last")
+        return (params if dtype is None else cast(params, dtype)), tokenizer, meta
+    if args.checkpoint is not None:
+        raise ValueError("--checkpoint chooses a checkpoint of a --run; --model has none")
     from gptfn.pretrained import load_pretrained, load_pretrained_tokenizer
 
-    params = load_pretrained(args.model, dtype=torch.float32)
+    params = load_pretrained(args.model, dtype=dtype)
     return params, load_pretrained_tokenizer(args.model), None
 
 
@@ -110,6 +122,11 @@ def export_args(p: argparse.ArgumentParser) -> None:
         choices=["gpt2", "llama", "qwen2", "gpt_neox"],
         help="the Hugging Face family (default: the first that can express the model)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES[:3],
+        help="write the model's weights in this dtype (default: as trained, float32)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
 
@@ -144,9 +161,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 def _export_hf(
     out: Path, params: Any, tokenizer: Any, meta: dict, args: argparse.Namespace
 ) -> None:
+    import torch
+
     from gptfn.data.tokenizers import tokenizer_json
     from gptfn.pretrained import save_pretrained
+    from gptfn.tree import cast
 
+    if args.dtype is not None:
+        params = cast(params, getattr(torch, args.dtype))
     has_file = tokenizer_json(tokenizer) is not None
     save_pretrained(
         params,
@@ -267,11 +289,12 @@ def _eval_tasks(args: argparse.Namespace) -> None:
         include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
         batch_size=args.batch_size,
     )  # fmt: skip
-    if args.model is not None:
-        results = evaluate_tasks(args.model, None, args.tasks, dtype=args.dtype, **options)
+    if args.model is not None:  # lm-eval reads the folder's tokenizer as HFLM would
+        dtype = None if args.dtype == "stored" else args.dtype
+        results = evaluate_tasks(args.model, None, args.tasks, dtype=dtype, **options)
     else:
         params, tokenizer, _ = load_model(args)
-        results = evaluate_tasks(params, tokenizer, args.tasks, dtype=args.dtype, **options)
+        results = evaluate_tasks(params, tokenizer, args.tasks, **options)
     print(format_table(results))
     out = args.output or (None if args.run is None else _results_path(Path(args.run), args.tasks))
     if out is not None:
@@ -330,11 +353,6 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     tasks.add_argument("--include-path", help="a folder of your own task YAML files")
     tasks.add_argument("--limit", type=POSITIVE, help="documents per task (default: all)")
     tasks.add_argument("--num-fewshot", type=COUNT, help="few-shot examples (default: the task's)")
-    tasks.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="the weights' dtype for --tasks (default: as stored for --model, float32 for --run)",
-    )
     tasks.add_argument(
         "--output", help="the results JSON (default with --run: RUN/lm_eval/TASKS-TIME.json)"
     )

@@ -12,11 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import optree
-import torch.utils._pytree as torch_pytree
-
 from gptfn.settings import OptionError, check_options, option
 from gptfn.shapes import Params
+from gptfn.tree import register_static
 
 POSITIONS = ("learned", "rotary", "none")
 NORMS = ("layernorm", "rmsnorm")
@@ -191,15 +189,4 @@ def _infer_gpt2(params: Params) -> GPTConfig:
     )
 
 
-optree.register_pytree_node(
-    GPTConfig,
-    lambda cfg: ((), cfg, ()),
-    lambda cfg, _children: cfg,
-    namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"),
-)
-torch_pytree.register_pytree_node(
-    GPTConfig,
-    lambda cfg: ([], cfg),
-    lambda _children, cfg: cfg,
-    serialized_type_name="gptfn.GPTConfig",
-)
+register_static(GPTConfig, "gptfn.GPTConfig")

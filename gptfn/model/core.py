@@ -208,16 +208,24 @@ def context(params: Params, positions: Tensor, **fields: Any) -> Context:
 
 
 def run_blocks(
-    params: Params, tokens: Tensor, positions: Tensor, ctx: Context, *, remat: bool = False
+    params: Params,
+    tokens: Tensor,
+    positions: Tensor,
+    ctx: Context,
+    *,
+    remat: bool = False,
+    last_only: bool = False,
 ) -> Tensor:
-    """Embed, run every block, unembed: the body of ``forward`` and of cached generation."""
+    """Embed, run every block, unembed: the body of ``forward`` and of cached generation.
+    ``last_only`` unembeds the last position only (a prompt's prefill needs no other logits:
+    with a 128k vocabulary they cost more than the blocks)."""
     x = ctx.drop(embed(params, tokens, positions, ctx))
     for i, p in enumerate(params["blocks"]):
         if remat:  # recompute the block's activations in the backward pass
             x = checkpoint_block(functools.partial(block, ctx=ctx.at(i)))(p, x)
         else:
             x = block(p, x, ctx.at(i))
-    return unembed(params, x, ctx)
+    return unembed(params, x[:, -1:] if last_only else x, ctx)
 
 
 @checked

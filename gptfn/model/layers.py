@@ -20,19 +20,16 @@ from gptfn.shapes import Float, Int, Params, Tensor
 
 # ----------------------------------------------------------------------------- linear maps
 
-_HALF = (torch.bfloat16, torch.float16)
-
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ weight.T + bias`` for ``weight`` [out, in], ``F.linear``'s convention.
 
-    One token through half-precision weights laid out [out, in] in memory (see
-    ``gptfn.generation.decode_layout``) goes through ``torch.mv``, which streams such weights
-    ~1.5x faster on CPU than the general matmul: decoding one token is memory-bound.
+    One token through half-precision weights is fastest with the weight contiguous in memory
+    as [out, in] (``gptfn.generation.decode_layout`` stores them so): measured on a 2-core
+    AVX-512/AMX CPU (torch 2.13, bfloat16, 2 threads), ``F.linear`` takes 39 ms for a 128,256 x
+    2,048 unembedding and 1.1 ms for 8,192 x 2,048, against 88 and 1.6 ms for ``torch.mv`` and
+    24 ms for 8,192 x 2,048 stored the other way round.
     """
-    if x.numel() == x.shape[-1] and weight.dtype in _HALF and weight.is_contiguous():
-        y = torch.mv(weight, x.reshape(-1)).reshape(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
 

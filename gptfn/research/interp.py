@@ -13,6 +13,7 @@ and pattern, which need the reference attention path) are computed only when ask
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -20,7 +21,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gptfn.model import GPTConfig, forward, init, unembed
+from gptfn.model import (
+    GPTConfig,
+    block,
+    check_tokens,
+    context,
+    embed,
+    forward,
+    init,
+    unembed,
+)
 from gptfn.shapes import Params
 from gptfn.tracing import is_compiling
 
@@ -52,12 +62,18 @@ def activation_names(params: Params) -> list[str]:
     return list(_names_for(GPTConfig.from_params(params)))
 
 
-def _check_names(params: Params, asked: Iterable[str], seen: Iterable[str]) -> None:
+def _check_names(
+    params: Params, asked: Iterable[str], seen: Iterable[str], stop_at_layer: int | None = None
+) -> None:
     """Raise KeyError for names that were asked for but that the forward never produced.
 
     Checked after the forward, from what it saw, so that a compiled call needs no separate
     trace of the model to learn the names."""
     unknown = sorted(set(asked) - set(seen))
+    if unknown and stop_at_layer is not None and not is_compiling():
+        later = [n for n in unknown if n in activation_names(params)]
+        if later:
+            raise KeyError(f"{later} come after stop_at_layer={stop_at_layer}: not computed")
     if unknown:
         valid = "" if is_compiling() else ", ".join(activation_names(params))
         valid = valid and f"; valid names are: {valid}"
@@ -85,29 +101,87 @@ def run_with_cache(
     params: Params,
     tokens: Tensor,
     names: Iterable[str] | Callable[[str], bool] | None = None,
+    *,
+    stop_at_layer: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     **forward_kwargs: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``(logits, cache)``: ``cache`` maps activation names to tensors. ``names`` (a list, or a
-    predicate on the name) limits what is kept (and computed); None keeps all.
+    """``(logits, cache)``: ``cache`` maps activation names to tensors.
 
-    Works under ``torch.compile(fullgraph=True)``: the hook is plain Python that dynamo traces."""
-    if names is None:
-        wanted: Callable[[str], bool] = lambda name: True  # noqa: E731
-    elif callable(names):
-        wanted = names
-    else:
-        names = list(names)
-        wanted = lambda name: name in names  # noqa: E731
+    Args:
+      params, tokens: as ``gptfn.forward``.
+      names: what to keep (and compute): a list of names or glob patterns
+        (``"blocks.*.resid_post"``), or a predicate on the name; None keeps all. Expensive
+        activations (attention patterns, the norms taken apart, per-head results) are only
+        computed when asked for, so the fused attention kernel runs otherwise.
+      stop_at_layer: run only the blocks before this one (as TransformerLens): the first value
+        returned is then the residual stream entering block ``stop_at_layer`` [batch seq
+        d_model], not logits, and nothing after it is computed.
+      device, dtype: where and in what dtype the cache is kept (e.g. ``"cpu"`` for a model on a
+        GPU, ``torch.bfloat16`` to halve it); each activation moves as it is produced.
+      **forward_kwargs: passed to ``forward`` (``attention=``, ``dropout=`` ...).
+
+    Works under ``torch.compile(fullgraph=True)`` with plain names or a predicate: the hook is
+    plain Python that dynamo traces (glob patterns are expanded against
+    :func:`activation_names` first).
+    """
+    wanted, exact = _wanted(params, names)
     cache: dict[str, Tensor] = {}
 
     def keep(name: str, x: Tensor) -> Tensor:
-        cache[name] = x
+        cache[name] = x if device is None and dtype is None else x.to(device=device, dtype=dtype)
         return x
 
-    logits = forward(params, tokens, hook=_Hook(wanted, keep), **forward_kwargs)
-    if isinstance(names, list):
-        _check_names(params, names, cache)
-    return logits, cache
+    hook = _Hook(wanted, keep)
+    if stop_at_layer is None:
+        out = forward(params, tokens, hook=hook, **forward_kwargs)
+    else:
+        out = _residual_before(params, tokens, stop_at_layer, hook, **forward_kwargs)
+    if exact is not None:
+        _check_names(params, exact, cache, stop_at_layer)
+    return out, cache
+
+
+def _wanted(
+    params: Params, names: Iterable[str] | Callable[[str], bool] | None
+) -> tuple[Callable[[str], bool], list[str] | None]:
+    """The predicate for ``names``, and the exact names to check afterwards (None: no check)."""
+    if names is None:
+        return (lambda name: True), None
+    if callable(names):
+        return names, None
+    names = list(names)
+    patterns = [n for n in names if any(c in n for c in "*?[")]
+    if patterns:  # globs: the names they match, each pattern matching at least one
+        every = activation_names(params)
+        for pattern in patterns:
+            if not fnmatch.filter(every, pattern):
+                raise KeyError(f"{pattern!r} matches no activation name of this model")
+        chosen = {n for n in every for p in patterns if fnmatch.fnmatchcase(n, p)}
+        names = [n for n in names if n not in patterns]
+        chosen |= set(names)
+        return (lambda name: name in chosen), names
+    return (lambda name: name in names), names
+
+
+def _residual_before(
+    params: Params, tokens: Tensor, layer: int, hook: _Hook, **forward_kwargs: Any
+) -> Tensor:
+    """The residual stream entering block ``layer`` (the blocks before it run; none after)."""
+    n_layer = len(params["blocks"])
+    if not 0 <= layer <= n_layer:
+        raise ValueError(f"stop_at_layer must be in [0, {n_layer}], got {layer}")
+    check_tokens(params, tokens)
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    kwargs = {
+        k: forward_kwargs[k] for k in ("attention", "dropout", "generator") if k in forward_kwargs
+    }
+    ctx = context(params, positions, hook=hook, **kwargs)
+    x = ctx.drop(embed(params, tokens, positions, ctx))
+    for i, p in enumerate(params["blocks"][:layer]):
+        x = block(p, x, ctx.at(i))
+    return x
 
 
 def run_with_patches(

@@ -172,16 +172,10 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Run:
         params = init(model, cfg.run.seed, device=env.device, zero_out_proj=cfg.model.zero_init)
     model_cfg = GPTConfig.from_params(params)
     base, params, loss_fn = lora_start(cfg, params)  # LoRA: train adapters on a frozen base
-    sharded = cfg.run.shard_optimizer and env.world_size > 1
-    owners = assign_owners(params, env.world_size) if sharded else None
-    mine = (lambda path, leaf: owners[path] == env.rank) if sharded else None
-    tx = make_optimizer(cfg.optimizer, cfg.run.max_steps, mine)
-    tx = loss_scaling(tx) if cfg.run.dtype == "float16" else tx
-    opt_state = tx.init(params)
-    mesh = fsdp_mesh(cfg, env)
-    if mesh is not None:  # --fsdp: each rank keeps its shard of everything
-        params, opt_state, loss_fn = shard(params, mesh), shard(opt_state, mesh), sharded_loss
-    _report_state_bytes(opt_state, env, "fsdp" if mesh is not None else sharded)
+    mesh = fsdp_mesh(cfg, env)  # --fsdp under torchrun: each rank keeps its shard of everything
+    tx, opt_state, owners = _optimizer(cfg, env, params, mesh)
+    if mesh is not None:
+        params, loss_fn = shard(params, mesh), sharded_loss
     if base is not None and env.is_main:
         _report_lora(base, params, opt_state)
     step_fn = _make_step(cfg, env, tx, loss_fn, mesh)
@@ -218,6 +212,21 @@ def _make_step(cfg: TrainConfig, env: DistEnv, tx: Any, loss_fn: Callable, mesh:
         dropout=cfg.model.dropout,
         remat=cfg.run.remat,
     )
+
+
+def _optimizer(
+    cfg: TrainConfig, env: DistEnv, params: Tree, mesh: Any = None
+) -> tuple[Any, Tree, dict | None]:
+    """The run's optimizer (loss-scaled for float16), its state (sharded on ``mesh`` under
+    --fsdp), and under ZeRO-1 which rank updates each leaf."""
+    sharded = cfg.run.shard_optimizer and env.world_size > 1
+    owners = assign_owners(params, env.world_size) if sharded else None
+    mine = (lambda path, leaf: owners[path] == env.rank) if sharded else None
+    tx = make_optimizer(cfg.optimizer, cfg.run.max_steps, mine)
+    tx = loss_scaling(tx) if cfg.run.dtype == "float16" else tx
+    opt_state = tx.init(params) if mesh is None else shard(tx.init(params), mesh)
+    _report_state_bytes(opt_state, env, "fsdp" if mesh is not None else sharded)
+    return tx, opt_state, owners
 
 
 def _maybe_jit(cfg: TrainConfig, fn: Callable, name: str, env: DistEnv) -> Callable:
