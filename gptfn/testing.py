@@ -56,7 +56,8 @@ def configs(
 
     With ``architectures`` (the default) every option is drawn too: positions, norm, MLP kind and
     width, key/value heads (a divisor of ``n_head``), QK-norm, the separate biases, parallel
-    residual, logit soft-cap; rotary positions round ``head_size`` up to an even number.
+    residual, logit soft-cap, sliding window; rotary positions round ``head_size`` up to an
+    even number.
     ``architectures=False`` draws GPT-2 only. Keywords naming other ``GPTConfig`` fields fix
     them (``configs(position="rotary")``). Everything shrinks towards GPT-2's choices."""
     heads = draw(st.integers(*n_head))
@@ -91,6 +92,9 @@ def configs(
         if options["position"] == "rotary":
             options["rope_theta"] = draw(st.sampled_from([10000.0, 500.0]))
             options["rope_scaling"] = draw(st.sampled_from([None, (8.0, 1.0, 4.0, 8)]))
+        options["sliding_window"] = draw(st.one_of(st.none(), st.integers(1, 8)))
+        if options["sliding_window"] is not None:
+            options["window_pattern"] = draw(st.sampled_from([None, "LG", "GLL"]))
     return GPTConfig(**sizes, n_embd=heads * size, **(options | fixed))
 
 
@@ -98,7 +102,7 @@ DRAWN = frozenset({
     "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_embeddings",
     "position", "rotary_fraction", "norm", "mlp", "d_mlp", "n_kv_head", "qkv_bias", "mlp_bias",
     "norm_bias", "qk_norm", "parallel_residual", "logit_softcap", "norm_eps", "rope_theta",
-    "rope_scaling",
+    "rope_scaling", "sliding_window", "window_pattern",
 })  # fmt: skip
 """The ``GPTConfig`` fields :func:`configs` draws (with ``architectures``)."""
 

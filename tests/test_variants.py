@@ -44,6 +44,8 @@ VARIANTS = {
     "qkv_bias_only": {"bias": False, "qkv_bias": True},
     "parallel_residual": {"parallel_residual": True},
     "softcap": {"logit_softcap": 2.0},
+    "sliding_window": {"sliding_window": 3},
+    "sliding_window_pattern": {**ROTARY, "sliding_window": 2, "window_pattern": "GL"},
     "llama": {
         **ROTARY,
         "norm": "rmsnorm",

@@ -29,6 +29,17 @@ def _fraction(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be > 0 and <= 1"
 
 
+def _pattern(letters: str):
+    """A check: a non-empty string of ``letters`` (a per-layer pattern)."""
+
+    def problem(value: str) -> str | None:
+        if not value or set(value) - set(letters):
+            return f"must be a non-empty string of {' and '.join(letters)}"
+        return None
+
+    return problem
+
+
 def _llama3_scaling_problem(value: tuple[float, float, float, int]) -> str | None:
     factor, low, high, context = value
     if factor <= 0 or low <= 0 or high <= low or context <= 0:
@@ -84,6 +95,15 @@ class GPTConfig:
     logit_softcap: float | None = option(
         None, "soft-cap the logits: cap * tanh(logits / cap) (default: none)", above=0
     )
+    sliding_window: int | None = option(
+        None, "windowed layers attend to the latest N positions only, their own included "
+        "(default: the whole context)", low=1,
+    )  # fmt: skip
+    window_pattern: str | None = option(
+        None, "which layers the sliding window applies to: L (local, windowed) or G (global) per "
+        "layer, the string repeated over the layers (default: all; Gemma 2: LG)",
+        check=_pattern("LG"),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         try:
@@ -127,6 +147,16 @@ class GPTConfig:
             raise OptionError(
                 "GPTConfig.rope_scaling", self.rope_scaling, "needs position='rotary'"
             )
+
+        if self.window_pattern is not None and self.sliding_window is None:
+            raise OptionError(
+                "GPTConfig.window_pattern", self.window_pattern, "needs a sliding_window"
+            )
+
+    def windowed(self, layer: int) -> bool:
+        """Whether block ``layer`` attends through the sliding window."""
+        pattern = self.window_pattern or "L"
+        return self.sliding_window is not None and pattern[layer % len(pattern)] == "L"
 
     @property
     def rotary_dim(self) -> int:

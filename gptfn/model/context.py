@@ -36,6 +36,7 @@ class Context(NamedTuple):
     cfg: GPTConfig
     rope: tuple[Tensor, Tensor] | None = None  # rotary cos, sin [(batch) seq rot/2]
     mask: Tensor | None = None  # bool [batch 1 q k], True = may attend; None = causal
+    window_mask: Tensor | None = None  # the mask of sliding-window layers
     caches: list[dict[str, Tensor]] | None = None  # per-layer key/value buffers (generation)
     cache: dict[str, Tensor] | None = None  # this block's buffers
     slots: Tensor | None = None  # cache slots this step writes [seq]
@@ -46,9 +47,11 @@ class Context(NamedTuple):
     prefix: str = ""
 
     def at(self, layer: int) -> Context:
-        """The context of block ``layer``: its name prefix and its cache."""
+        """The context of block ``layer``: its name prefix, its cache, and its mask (the sliding
+        window's on windowed layers)."""
         cache = None if self.caches is None else self.caches[layer]
-        return self._replace(prefix=f"blocks.{layer}.", cache=cache)
+        mask = self.window_mask if self.cfg.windowed(layer) else self.mask
+        return self._replace(prefix=f"blocks.{layer}.", cache=cache, mask=mask)
 
     def scoped(self, name: str) -> Context:
         """The same context with ``name`` appended to the prefix (``"attn."``, ``"ln_1."``)."""

@@ -201,10 +201,30 @@ def check_tokens(params: Params, tokens: Tensor, name: str = "tokens", *, allow:
 
 
 def context(params: Params, positions: Tensor, **fields: Any) -> Context:
-    """The :class:`Context` of one pass over ``positions`` (rotary tables computed once)."""
+    """The :class:`Context` of one pass over ``positions`` (rotary tables and the sliding
+    window's mask computed once)."""
     cfg = GPTConfig.from_params(params)
     rope = rotary_tables(cfg, positions) if cfg.position == "rotary" else None
+    if cfg.sliding_window is not None:
+        fields["window_mask"] = window_mask(
+            cfg.sliding_window, positions, fields.get("mask"), fields.get("slots")
+        )
     return Context(cfg, rope=rope, **fields)
+
+
+def window_mask(
+    window: int, positions: Tensor, mask: Tensor | None, slots: Tensor | None
+) -> Tensor:
+    """The mask of a sliding-window layer: ``mask`` (None: causal over the positions), and
+    key j visible from query i only if ``j > i - window`` (Hugging Face's overlay). Queries are
+    at ``slots`` (None: 0..n-1) among the keys, as in a cache; masked, not rolled, so a cached
+    generation sees exactly what a full forward does."""
+    n, device = positions.shape[-1], positions.device
+    query = slots if slots is not None else torch.arange(n, device=device)
+    key = torch.arange(n if mask is None else mask.shape[-1], device=device)
+    near = key[None, :] > query[:, None] - window
+    base = key[None, :] <= query[:, None] if mask is None else mask
+    return (base & near).expand(1, 1, -1, -1) if mask is None else base & near
 
 
 def run_blocks(
