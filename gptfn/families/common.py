@@ -220,3 +220,127 @@ class TrackedTree(dict):
         """The leaf paths of ``tree`` that were never read through this view."""
         paths = [".".join(map(str, p)) for p in optree.tree_paths(tree)]
         return sorted(set(paths) - self.read)
+
+
+# ----------------------------------------------------------------------------- Llama-shaped keys
+
+LLAMA_NORMS = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}
+"""gptfn's block norms -> the Hugging Face names of a Llama layer's norms."""
+
+_TO_OURS = {
+    "heads": lambda w, k: rearrange(w, "(h k) d -> d h k", k=k),
+    "out": lambda w, k: rearrange(w, "d (h k) -> h k d", k=k),
+    "head_bias": lambda b, k: b.unflatten(0, (-1, k)),
+    "T": lambda w, k: w.T,
+    "same": lambda w, k: w,
+}
+_TO_HF = {
+    "heads": lambda w: rearrange(w, "d h k -> (h k) d"),
+    "out": lambda w: rearrange(w, "h k d -> d (h k)"),
+    "head_bias": lambda b: b.flatten(),
+    "T": lambda w: w.T,
+    "same": lambda w: w,
+}
+
+
+def layer_keys(cfg: GPTConfig, norms: dict[str, str]) -> list[tuple[str, str, str]]:
+    """The key table of one Llama-shaped layer: ``(gptfn path in the block, Hugging Face name
+    in the layer, how the layouts differ)``, for the leaves ``cfg`` has; ``norms`` names the
+    block's norms (``ln_1``, ``ln_attn_out``, ...). Read both ways by the converters below."""
+    rows = [(f"attn.w_{n}", f"self_attn.{n}_proj.weight", "heads") for n in "qkv"]
+    rows.append(("attn.w_o", "self_attn.o_proj.weight", "out"))
+    if cfg.qkv_bias:
+        rows += [(f"attn.b_{n}", f"self_attn.{n}_proj.bias", "head_bias") for n in "qkv"]
+    if cfg.bias:
+        rows.append(("attn.b_o", "self_attn.o_proj.bias", "same"))
+    if cfg.qk_norm:
+        rows += [(f"attn.{n}_norm.scale", f"self_attn.{n}_norm.weight", "same") for n in "qk"]
+    for ours, theirs in (("gate", "gate"), ("in", "up"), ("out", "down")):
+        if ours != "gate" or cfg.gated:
+            rows.append((f"mlp.w_{ours}", f"mlp.{theirs}_proj.weight", "T"))
+            if cfg.mlp_bias:
+                rows.append((f"mlp.b_{ours}", f"mlp.{theirs}_proj.bias", "same"))
+    return rows + [(f"{ours}.scale", f"{theirs}.weight", "same") for ours, theirs in norms.items()]
+
+
+def decoder_from_hf(
+    state_dict: dict[str, Tensor],
+    cfg: GPTConfig,
+    family: str,
+    norms: dict[str, str] = LLAMA_NORMS,
+    prefix: str = "model.",
+    head: str = "lm_head.weight",
+) -> Params:
+    """A gptfn tree from a Llama-shaped state dict (``{prefix}layers.{i}.*``, embeddings,
+    final norm, ``head``), through :func:`layer_keys`; every key must be used."""
+    sd = Reader(state_dict, family)
+    blocks = []
+    for i in range(cfg.n_layer):
+        block: dict[str, Any] = {}
+        for ours, theirs, how in layer_keys(cfg, norms):
+            *parents, leaf = ours.split(".")
+            node = block
+            for name in parents:
+                node = node.setdefault(name, {})
+            node[leaf] = _TO_OURS[how](sd.take(f"{prefix}layers.{i}.{theirs}"), cfg.d_head)
+        blocks.append(block)
+    params: Params = {
+        "wte": sd.take(f"{prefix}embed_tokens.weight"), "blocks": blocks,
+        "ln_f": {"scale": sd.take(f"{prefix}norm.weight")}, "config": cfg,
+    }  # fmt: skip
+    if not cfg.tie_embeddings:
+        params["unembed"] = sd.take(head)
+    sd.finish(ignore=[head])
+    return params
+
+
+def decoder_to_hf(
+    params: Params,
+    cfg: GPTConfig,
+    norms: dict[str, str] = LLAMA_NORMS,
+    prefix: str = "model.",
+    head: str = "lm_head.weight",
+) -> dict[str, Tensor]:
+    """The Llama-shaped state dict of ``params``: :func:`decoder_from_hf` backwards."""
+    sd: dict[str, Tensor] = {f"{prefix}embed_tokens.weight": params["wte"]}
+    for i, block in enumerate(params["blocks"]):
+        for ours, theirs, how in layer_keys(cfg, norms):
+            node = block
+            for name in ours.split("."):
+                node = node[name]
+            sd[f"{prefix}layers.{i}.{theirs}"] = _TO_HF[how](node)
+    sd[f"{prefix}norm.weight"] = params["ln_f"]["scale"]
+    sd[head] = params.get("unembed", params["wte"])
+    return sd
+
+
+def layer_pattern(flags: list[bool], on: str, off: str) -> str | None:
+    """A per-layer pattern string (``on``/``off`` per layer) at its shortest period that
+    repeats to ``flags``; None when every layer is on (the options' default)."""
+    letters = "".join(on if f else off for f in flags)
+    for period in range(1, len(letters) + 1):
+        unit = letters[:period]
+        if (unit * len(letters))[: len(letters)] == letters:
+            return None if unit == on else unit
+    return None
+
+
+def window_from_hf(hf: dict[str, Any], n_layer: int) -> dict[str, Any]:
+    """``sliding_window`` and ``window_pattern`` from a config.json: ``sliding_window`` (unless
+    ``use_sliding_window`` is false) on the layers ``layer_types`` calls sliding (every layer
+    when it is absent)."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    types = hf.get("layer_types") or ["sliding_attention"] * n_layer
+    if unknown := set(types) - {"sliding_attention", "full_attention"}:
+        raise ValueError(f"layer types {sorted(unknown)} are not supported")
+    if window is None or "sliding_attention" not in types:
+        return {"sliding_window": None}
+    pattern = layer_pattern([t == "sliding_attention" for t in types], "L", "G")
+    return {"sliding_window": int(window), "window_pattern": pattern}
+
+
+def layer_types_to_hf(cfg: GPTConfig) -> list[str]:
+    """``layer_types`` of a config.json: which layers use the sliding window."""
+    return [
+        "sliding_attention" if cfg.windowed(i) else "full_attention" for i in range(cfg.n_layer)
+    ]

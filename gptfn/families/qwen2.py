@@ -25,19 +25,17 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
             f"layer_types {sorted(layer_types)}); gptfn attends over the full context"
         )
     hf = {**hf, "attention_bias": False, "mlp_bias": False}
-    cfg = llama.config_from_hf(hf, family="Qwen2")
-    return GPTConfig.from_dict({**cfg.to_dict(), "qkv_bias": True})
+    return GPTConfig(**{**llama.fields_from_hf(hf, family="Qwen2"), "qkv_bias": True})
 
 
 def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
     """A Qwen2 config.json for ``cfg`` (ValueError if Qwen2 cannot express it)."""
     require(
         cfg, NAME,
-        {"position": "rotary", "rotary_fraction": 1.0, "norm": "rmsnorm", "norm_bias": False,
-         "mlp": ("swiglu", "geglu"), "qkv_bias": True, "bias": False, "mlp_bias": False},
+        {**llama.REQUIRED, "qkv_bias": True, "bias": False, "mlp_bias": False},
     )  # fmt: skip
     return {
-        "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **llama._common_to_hf(cfg),
+        "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **llama.common_to_hf(cfg),
         "use_sliding_window": False,
     }  # fmt: skip
 
