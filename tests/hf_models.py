@@ -105,11 +105,35 @@ FAMILY_CONFIGS = {
 }
 
 
+WINDOWED = {**LLAMA, "max_position_embeddings": 40}
+"""Families of issue 24: windows (4 or 5) shorter than the test sequences (20 tokens)."""
+
+MORE_CONFIGS = {
+    "mistral": lambda: transformers.MistralConfig(
+        **WINDOWED, num_attention_heads=6, num_key_value_heads=2, head_dim=6, sliding_window=5
+    ),
+    "mistral_full": lambda: transformers.MistralConfig(
+        **WINDOWED, num_attention_heads=3, num_key_value_heads=1, sliding_window=None,
+        tie_word_embeddings=True,
+    ),
+    "qwen3": lambda: transformers.Qwen3Config(
+        **WINDOWED, num_attention_heads=3, num_key_value_heads=1, head_dim=10,
+        tie_word_embeddings=True,
+    ),
+    "qwen3_bias": lambda: transformers.Qwen3Config(
+        **WINDOWED, num_attention_heads=6, num_key_value_heads=2, head_dim=4, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ),
+}  # fmt: skip
+"""Random tiny models of the families added for issue 24 (tests/test_families_modern.py)."""
+
+
 def hf_model(name: str, dtype: torch.dtype = torch.float32, scale: float = 1.0):
-    """A random model of ``FAMILY_CONFIGS[name]`` in eval mode. ``scale`` multiplies the
-    matrices (peakier logits: greedy decoding then has no near-ties)."""
-    torch.manual_seed(sorted(FAMILY_CONFIGS).index(name))
-    model = transformers.AutoModelForCausalLM.from_config(FAMILY_CONFIGS[name]())
+    """A random model of ``FAMILY_CONFIGS[name]`` (or ``MORE_CONFIGS``) in eval mode. ``scale``
+    multiplies the matrices (peakier logits: greedy decoding then has no near-ties)."""
+    table = FAMILY_CONFIGS if name in FAMILY_CONFIGS else MORE_CONFIGS
+    torch.manual_seed(sorted(table).index(name))
+    model = transformers.AutoModelForCausalLM.from_config(table[name]())
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(scale if p.ndim > 1 else 1.0).add_(torch.randn_like(p) * 0.1)

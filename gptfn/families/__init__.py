@@ -1,7 +1,8 @@
 """Hugging Face model families, both ways: a config mapping and a weight converter each.
 
-Each family module (``gpt2``, ``llama``, ``qwen2``, ``neox``) has ``MAPS`` (the ``GPTConfig``
-fields its config.json carries), ``config_from_hf`` (a config.json dict -> ``GPTConfig``),
+Each family module (``gpt2``, ``llama``, ``qwen2``, ``neox``, ``mistral``, ``qwen3`` ...) has
+``MAPS`` (the ``GPTConfig`` fields its config.json carries), ``config_from_hf`` (a config.json
+dict -> ``GPTConfig``),
 ``config_to_hf`` (the reverse, or a ``ValueError`` naming a mapped value it cannot hold),
 ``from_hf`` (state dict -> gptfn tree) and ``to_hf`` (tree -> state dict that loads with
 ``strict=True``). What no family has to do: refuse the fields it does not map
@@ -15,7 +16,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from gptfn.families import gpt2, llama, neox, qwen2
+from gptfn.families import gpt2, llama, mistral, neox, qwen2, qwen3
 from gptfn.families.common import TrackedTree, refuse_unmapped
 from gptfn.families.gpt2 import from_hf_gpt2
 from gptfn.model import GPTConfig, check_params
@@ -28,6 +29,8 @@ FAMILIES: dict[str, ModuleType] = {
     llama.MODEL_TYPE: llama,
     qwen2.MODEL_TYPE: qwen2,
     neox.MODEL_TYPE: neox,
+    mistral.MODEL_TYPE: mistral,
+    qwen3.MODEL_TYPE: qwen3,
 }
 """model_type (as in config.json) -> family module."""
 
