@@ -91,7 +91,10 @@ def configs(
         options["norm_eps"] = draw(st.sampled_from([1e-5, 1e-6]))
         if options["position"] == "rotary":
             options["rope_theta"] = draw(st.sampled_from([10000.0, 500.0]))
-            options["rope_scaling"] = draw(st.sampled_from([None, (8.0, 1.0, 4.0, 8)]))
+            half = int(size * options["rotary_fraction"]) // 2
+            longrope = ("longrope", 4, 1.2, *[1.0 + i for i in range(half)], *[3.0] * half)
+            scalings = [None, (8.0, 1.0, 4.0, 8), ("linear", 2.0), longrope]
+            options["rope_scaling"] = draw(st.sampled_from(scalings))
         options["sliding_window"] = draw(st.one_of(st.none(), st.integers(1, 8)))
         if options["sliding_window"] is not None:
             options["window_pattern"] = draw(st.sampled_from([None, "LG", "GLL"]))

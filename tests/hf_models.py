@@ -124,6 +124,10 @@ MORE_CONFIGS = {
         **WINDOWED, num_attention_heads=6, num_key_value_heads=2, head_dim=4, attention_bias=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     ),
+    "llama_linear_scaling": lambda: transformers.LlamaConfig(
+        **WINDOWED, num_attention_heads=3, num_key_value_heads=1,
+        rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0},
+    ),
 }  # fmt: skip
 """Random tiny models of the families added for issue 24 (tests/test_families_modern.py)."""
 

@@ -29,6 +29,8 @@ VARIANTS = {
     "rotary": ROTARY,
     "rotary_partial": {**ROTARY, "rotary_fraction": 0.5},
     "rotary_llama3_scaling": {**ROTARY, "rope_scaling": (4.0, 1.0, 4.0, 4)},
+    "rotary_linear_scaling": {**ROTARY, "rope_scaling": "linear,4"},
+    "rotary_longrope": {**ROTARY, "rope_scaling": ("longrope", 8, 1.3, 1, 2, 3, 4)},
     "no_positions": {"position": "none"},
     "rmsnorm": {"norm": "rmsnorm", "norm_bias": False, "norm_eps": 1e-6},
     "rmsnorm_bias": {"norm": "rmsnorm"},
@@ -223,7 +225,8 @@ def test_default_config_is_gpt2():
         ({"logit_softcap": 0.0}, "GPTConfig.logit_softcap: invalid value 0.0: must be > 0"),
         ({"qk_norm": "yes"}, "GPTConfig.qk_norm: invalid value 'yes': expected true or false"),
         ({"rope_scaling": (8.0, 1.0, 4.0, 8192)}, "rope_scaling: .* needs position='rotary'"),
-        ({"rope_scaling": (8.0, 1.0)}, r"rope_scaling: .* expected 4 values \(float, float"),
+        ({"rope_scaling": (8.0, 1.0)}, r"rope_scaling: .* llama3 scaling takes 4 numbers"),
+        ({"rope_scaling": ("yarn", 8.0)}, r"rope_scaling: .*unknown rope scaling 'yarn'"),
         ({"n_embd": 18}, r"GPTConfig.n_embd: invalid value 18: must be a multiple of n_head \(4\)"),
     ],
 )

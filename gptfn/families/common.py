@@ -5,6 +5,7 @@ a state dict was used."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from einops import rearrange
 
 from gptfn.model import GPTConfig
+from gptfn.model.config import RopeScaling
 from gptfn.shapes import Params, Tensor
 
 BUFFERS = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias",
@@ -67,49 +69,82 @@ def rope_from_hf(
     theta_keys: tuple[str, ...] = ("rope_theta",),
     fraction_keys: tuple[str, ...] = ("partial_rotary_factor",),
     default_fraction: float = 1.0,
+    layer_type: str | None = None,
 ) -> dict[str, Any]:
     """``rope_theta``, ``rotary_fraction`` and ``rope_scaling`` GPTConfig fields from either
-    layout of a config.json: transformers 5's ``rope_parameters`` or the older top-level
-    ``rope_theta`` / ``rope_scaling`` keys."""  # fmt: skip
+    layout of a config.json: transformers 5's ``rope_parameters`` (nested per ``layer_type``
+    for Gemma 3) or the older top-level ``rope_theta`` / ``rope_scaling`` keys."""  # fmt: skip
     params = dict(hf.get("rope_parameters") or {})
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     scaling = dict(hf.get("rope_scaling") or {})
     theta = first(params, "rope_theta", default=first(hf, *theta_keys, default=10000.0))
     fraction = first(
         params, "partial_rotary_factor", default=first(hf, *fraction_keys, default=default_fraction)
     )
-    kind = first(
-        params, "rope_type", "type", default=first(scaling, "rope_type", "type", default="default")
-    )
+    source = params if first(params, "rope_type", "type") not in (None, "default") else scaling
     out: dict[str, Any] = {"rope_theta": float(theta), "rotary_fraction": float(fraction)}
-    if kind == "llama3":
-        source = params if "factor" in params else scaling
-        out["rope_scaling"] = (
-            float(source["factor"]), float(source["low_freq_factor"]),
-            float(source["high_freq_factor"]), int(source["original_max_position_embeddings"]),
-        )  # fmt: skip
-    elif kind != "default":
-        raise ValueError(
-            f"{family} with rope type {kind!r} is not supported; gptfn implements the default "
-            "rotary embedding and Llama-3.1's 'llama3' scaling"
-        )
+    out["rope_scaling"] = _scaling_from_hf({**hf, **source}, family)
     return out
+
+
+def _scaling_from_hf(source: dict[str, Any], family: str) -> RopeScaling | None:
+    """A ``RopeScaling`` from a rope_parameters / rope_scaling dict (None: plain rotary)."""
+    kind = first(source, "rope_type", "type", default="default")
+    context = first(source, "original_max_position_embeddings", default=0)
+    if kind == "default":
+        return None
+    if kind == "llama3":
+        return RopeScaling(kind, float(source["factor"]), float(source["low_freq_factor"]),
+                           float(source["high_freq_factor"]), int(context))  # fmt: skip
+    if kind == "linear":
+        return RopeScaling(kind, float(source["factor"]))
+    if kind == "longrope":
+        factor = first(source, "factor", default=source["max_position_embeddings"] / context)
+        attention = first(source, "attention_factor", default=None)
+        if attention is None:  # Hugging Face's default, from the paper
+            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(context))
+        return RopeScaling(kind, original_context=int(context), attention_factor=float(attention),
+                           short_factor=tuple(map(float, source["short_factor"])),
+                           long_factor=tuple(map(float, source["long_factor"])))  # fmt: skip
+    raise ValueError(
+        f"{family} with rope type {kind!r} is not supported; gptfn implements the default "
+        "rotary embedding and the scalings 'llama3', 'linear', 'longrope'"
+    )
 
 
 def rope_to_hf(cfg: GPTConfig, *, fraction_key: str | None = None) -> dict[str, Any]:
     """The rotary part of a config.json, in transformers 5's ``rope_parameters`` (plus the
     top-level ``rope_theta`` older versions read)."""
-    params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    params = scaling_to_hf(cfg.rope_scaling) | {"rope_theta": cfg.rope_theta}
     if fraction_key is not None:
         params["partial_rotary_factor"] = cfg.rotary_fraction
-    if cfg.rope_scaling is not None:
-        factor, low, high, context = cfg.rope_scaling
-        params |= {
-            "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-            "high_freq_factor": high, "original_max_position_embeddings": context,
-        }  # fmt: skip
     out = {"rope_parameters": params, "rope_theta": cfg.rope_theta}
     if fraction_key is not None:
         out[fraction_key] = cfg.rotary_fraction
+    return out
+
+
+def scaling_to_hf(scaling: RopeScaling | None) -> dict[str, Any]:
+    """Hugging Face's ``rope_parameters`` keys of a scaling (``rope_type`` default: none)."""
+    if scaling is None:
+        return {"rope_type": "default"}
+    out: dict[str, Any] = {"rope_type": scaling.kind}
+    if scaling.kind == "llama3":
+        out |= {
+            "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_context,
+        }  # fmt: skip
+    elif scaling.kind == "linear":
+        out["factor"] = scaling.factor
+    else:
+        out |= {
+            "type": "longrope", "short_factor": list(scaling.short_factor),
+            "long_factor": list(scaling.long_factor),
+            "original_max_position_embeddings": scaling.original_context,
+            "attention_factor": scaling.attention_factor,
+        }  # fmt: skip
     return out
 
 

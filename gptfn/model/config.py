@@ -40,11 +40,91 @@ def _pattern(letters: str):
     return problem
 
 
-def _llama3_scaling_problem(value: tuple[float, float, float, int]) -> str | None:
-    factor, low, high, context = value
-    if factor <= 0 or low <= 0 or high <= low or context <= 0:
-        return "needs factor > 0, 0 < low_freq_factor < high_freq_factor, context > 0"
-    return None
+ROPE_SCALINGS = ("llama3", "linear", "longrope")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A rotary frequency scaling (hashable, so configs stay hashable), Hugging Face's
+    ``rope_type``: ``llama3`` (Llama 3.1: ``factor``, ``low_freq_factor``,
+    ``high_freq_factor``, ``original_context``), ``linear`` (positions divided by ``factor``),
+    ``longrope`` (Phi-3: frequencies divided per dim by ``short_factor``, or by ``long_factor``
+    in a pass whose longest position passes ``original_context``; cos and sin times
+    ``attention_factor``).
+
+    Written as text (flag, TOML): ``llama3,8,1,4,8192``, ``linear,8``,
+    ``longrope,CONTEXT,ATTENTION_FACTOR,short...,long...`` (as many of each), or the four
+    numbers of ``llama3`` alone (as older gptfn wrote it, which checkpoints still hold)."""
+
+    kind: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 0
+    attention_factor: float = 1.0
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+
+    @classmethod
+    def from_value(cls, value: Any) -> RopeScaling:
+        """From its text, a list (four numbers: llama3; or a kind and numbers), a dict of its
+        fields (``to_dict`` of a config), or itself; ``TypeError`` if it is none of those."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            lists = {
+                k: tuple(map(float, value.get(k, ()))) for k in ("short_factor", "long_factor")
+            }
+            return cls(**{**value, **lists})
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, (list, tuple)) or not value:
+            raise TypeError(f"expected a rope scaling ({cls.__doc__.split(chr(10))[0][2:-2]})")
+        kind, *numbers = value if str(value[0]).strip() in ROPE_SCALINGS else ("llama3", *value)
+        if kind == "llama3" and isinstance(value[0], str) and value[0].strip().isalpha():
+            raise TypeError(
+                f"unknown rope scaling {value[0].strip()!r}; gptfn implements "
+                f"{', '.join(ROPE_SCALINGS)}"
+            )
+        try:
+            return cls._from_numbers(str(kind).strip(), [float(x) for x in numbers])
+        except ValueError as err:
+            raise TypeError(f"expected numbers after the kind: {err}") from None
+
+    @classmethod
+    def _from_numbers(cls, kind: str, x: list[float]) -> RopeScaling:
+        want = {"llama3": "4 numbers", "linear": "1 number", "longrope": "2 + an even count"}
+        sizes = {"llama3": len(x) == 4, "linear": len(x) == 1, "longrope": len(x) % 2 == 0}
+        if not sizes[kind] or (kind == "longrope" and len(x) < 4):
+            raise TypeError(f"{kind} scaling takes {want[kind]}, got {len(x)}: {x}")
+        if kind == "llama3":
+            return cls(kind, x[0], x[1], x[2], int(x[3]))
+        if kind == "linear":
+            return cls(kind, x[0])
+        half = (len(x) - 2) // 2
+        short, long = tuple(x[2 : 2 + half]), tuple(x[2 + half :])
+        return cls(kind, 1.0, original_context=int(x[0]), attention_factor=x[1],
+                   short_factor=short, long_factor=long)  # fmt: skip
+
+    def problem(self) -> str | None:
+        """What is wrong with these numbers, or None."""
+        if self.kind not in ROPE_SCALINGS:
+            return (
+                f"unknown rope scaling {self.kind!r}; gptfn implements {', '.join(ROPE_SCALINGS)}"
+            )
+        if self.kind == "llama3" and not (
+            self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor
+            and self.original_context > 0
+        ):  # fmt: skip
+            return "needs factor > 0, 0 < low_freq_factor < high_freq_factor, context > 0"
+        if self.kind == "linear" and self.factor <= 0:
+            return "needs factor > 0"
+        if self.kind == "longrope" and (
+            len(self.short_factor) != len(self.long_factor) or self.original_context <= 0
+            or min(self.short_factor + self.long_factor) <= 0
+        ):  # fmt: skip
+            return "needs as many short as long factors, all > 0, and a context > 0"
+        return None
 
 
 @dataclass(frozen=True)
@@ -78,11 +158,11 @@ class GPTConfig:
     rotary_fraction: float = option(
         1.0, "share (0, 1] of each head's dims that rotate (position rotary)", check=_fraction
     )
-    rope_scaling: tuple[float, float, float, int] | None = option(
+    rope_scaling: RopeScaling | None = option(  # noqa: RUF009 (option() is a dataclass field)
         None,
-        "Llama 3.1 rotary scaling, four numbers: factor, low_freq_factor, high_freq_factor, "
-        "original context (flag: comma-separated)",
-        check=_llama3_scaling_problem,
+        "rotary frequency scaling: llama3,FACTOR,LOW,HIGH,CONTEXT (or the 4 numbers), "
+        "linear,FACTOR, longrope,CONTEXT,ATTENTION_FACTOR,SHORT...,LONG...",
+        check=RopeScaling.problem,
     )
     norm: str = option("layernorm", "normalisation", choices=NORMS)
     norm_eps: float = option(1e-5, "epsilon inside the norms", above=0)
@@ -147,7 +227,13 @@ class GPTConfig:
             raise OptionError(
                 "GPTConfig.rope_scaling", self.rope_scaling, "needs position='rotary'"
             )
-
+        scaling = self.rope_scaling
+        longrope = scaling is not None and scaling.kind == "longrope"
+        if longrope and len(scaling.short_factor) != self.rotary_dim // 2:
+            raise OptionError(
+                "GPTConfig.rope_scaling", scaling,
+                f"longrope needs rotary_dim / 2 = {self.rotary_dim // 2} factors of each kind",
+            )  # fmt: skip
         if self.window_pattern is not None and self.sliding_window is None:
             raise OptionError(
                 "GPTConfig.window_pattern", self.window_pattern, "needs a sliding_window"
@@ -170,10 +256,7 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON); every field explicit."""
-        out = dataclasses.asdict(self)
-        if self.rope_scaling is not None:
-            out["rope_scaling"] = list(self.rope_scaling)
-        return out
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GPTConfig:

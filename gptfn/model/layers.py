@@ -70,22 +70,38 @@ def embed(
     return x
 
 
-def rotary_tables(cfg: GPTConfig, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """``cos, sin`` [*positions.shape, rotary_dim / 2] of the rotary angles.
+def rotary_tables(
+    cfg: GPTConfig, positions: Tensor, theta: float | None = None, scaled: bool = True
+) -> tuple[Tensor, Tensor]:
+    """``cos, sin`` [*positions.shape, rotary_dim / 2] of the rotary angles, at base ``theta``
+    (default ``cfg.rope_theta``), with ``cfg.rope_scaling`` unless ``scaled`` is False.
 
     Angles are computed in float32 whatever the model's dtype, as Hugging Face and the
     reference implementations do, so a float64 model reproduces them exactly (they are
-    constants: derivatives with respect to the parameters stay exact).
+    constants: derivatives with respect to the parameters stay exact). ``longrope`` picks its
+    long factors for a row whose longest position passes the original context (Hugging Face
+    decides per call; a row here is one of its calls), as a tensor ``where``: no graph break.
     """
-    rot = cfg.rotary_dim
-    inv_freq = 1.0 / (
-        cfg.rope_theta
-        ** (torch.arange(0, rot, 2, dtype=torch.int64, device=positions.device).float() / rot)
-    )
-    if cfg.rope_scaling is not None:
-        inv_freq = _llama3_scaling(inv_freq, *cfg.rope_scaling)
+    rot, theta = cfg.rotary_dim, cfg.rope_theta if theta is None else theta
+    device = positions.device
+    exponents = torch.arange(0, rot, 2, dtype=torch.int64, device=device).float() / rot
+    inv_freq, gain, scaling = 1.0 / (theta**exponents), 1.0, cfg.rope_scaling if scaled else None
+    if scaling is not None and scaling.kind == "llama3":
+        inv_freq = _llama3_scaling(
+            inv_freq, scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor,
+            scaling.original_context,
+        )  # fmt: skip
+    elif scaling is not None and scaling.kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling is not None:  # longrope
+        short, long = (
+            1.0 / (torch.tensor(f, dtype=torch.float32, device=device) * theta**exponents)
+            for f in (scaling.short_factor, scaling.long_factor)
+        )
+        longer = positions.amax(-1, keepdim=True)[..., None] + 1 > scaling.original_context
+        inv_freq, gain = torch.where(longer, long, short), scaling.attention_factor
     angles = positions[..., None].float() * inv_freq
-    return angles.cos(), angles.sin()
+    return angles.cos() * gain, angles.sin() * gain
 
 
 def _llama3_scaling(
