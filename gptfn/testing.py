@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from gptfn.model import GPTConfig, init
-from gptfn.model.config import MLPS, NORMS, POSITIONS
+from gptfn.model.config import MLPS, NORM_POSITIONS, NORMS, POSITIONS, QK_NORM_SPANS
 from gptfn.tree import Tree, flatten, unstack
 
 # ----------------------------------------------------------------------------- strategies
@@ -56,7 +56,8 @@ def configs(
 
     With ``architectures`` (the default) every option is drawn too: positions, norm, MLP kind and
     width, key/value heads (a divisor of ``n_head``), QK-norm, the separate biases, parallel
-    residual, logit soft-cap, sliding window; rotary positions round ``head_size`` up to an
+    residual, logit soft-cap, sliding window, norm placement, attention scale and soft-cap;
+    rotary positions round ``head_size`` up to an
     even number.
     ``architectures=False`` draws GPT-2 only. Keywords naming other ``GPTConfig`` fields fix
     them (``configs(position="rotary")``). Everything shrinks towards GPT-2's choices."""
@@ -98,6 +99,16 @@ def configs(
         options["sliding_window"] = draw(st.one_of(st.none(), st.integers(1, 8)))
         if options["sliding_window"] is not None:
             options["window_pattern"] = draw(st.sampled_from([None, "LG", "GLL"]))
+        options["norm_position"] = draw(st.sampled_from(NORM_POSITIONS))
+        if options["qk_norm"]:
+            options["qk_norm_span"] = draw(st.sampled_from(QK_NORM_SPANS))
+        options["embed_scale"] = draw(st.booleans())
+        options["attn_scale"] = draw(st.one_of(st.none(), st.floats(0.1, 1.0)))
+        options["attn_softcap"] = draw(st.one_of(st.none(), st.floats(1.0, 50.0)))
+        if options["position"] == "rotary":
+            options["rope_layers"] = draw(st.sampled_from([None, "RN", "NRR"]))
+            if options["sliding_window"] is not None:
+                options["rope_local_theta"] = draw(st.sampled_from([None, 100.0]))
     return GPTConfig(**sizes, n_embd=heads * size, **(options | fixed))
 
 
@@ -105,7 +116,8 @@ DRAWN = frozenset({
     "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_embeddings",
     "position", "rotary_fraction", "norm", "mlp", "d_mlp", "n_kv_head", "qkv_bias", "mlp_bias",
     "norm_bias", "qk_norm", "parallel_residual", "logit_softcap", "norm_eps", "rope_theta",
-    "rope_scaling", "sliding_window", "window_pattern",
+    "rope_scaling", "sliding_window", "window_pattern", "norm_position", "qk_norm_span",
+    "embed_scale", "attn_scale", "attn_softcap", "rope_layers", "rope_local_theta",
 })  # fmt: skip
 """The ``GPTConfig`` fields :func:`configs` draws (with ``architectures``)."""
 

@@ -19,7 +19,9 @@ from gptfn.settings import OptionError, check_options, option
 from gptfn.shapes import Params
 
 POSITIONS = ("learned", "rotary", "none")
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "rmsnorm_plus1")
+NORM_POSITIONS = ("pre", "post", "sandwich")
+QK_NORM_SPANS = ("head", "projection")
 MLPS = ("gelu_tanh", "gelu", "relu2", "swiglu", "geglu")
 GATED_MLPS = ("swiglu", "geglu")
 REQUIRED = dataclasses.MISSING
@@ -164,7 +166,10 @@ class GPTConfig:
         "linear,FACTOR, longrope,CONTEXT,ATTENTION_FACTOR,SHORT...,LONG...",
         check=RopeScaling.problem,
     )
-    norm: str = option("layernorm", "normalisation", choices=NORMS)
+    norm: str = option(
+        "layernorm", "normalisation (rmsnorm_plus1: x * (1 + scale) in float32, Gemma)",
+        choices=NORMS,
+    )  # fmt: skip
     norm_eps: float = option(1e-5, "epsilon inside the norms", above=0)
     norm_bias: bool | None = option(None, "additive bias in the norms (default: as bias)")
     mlp: str = option("gelu_tanh", "MLP activation (swiglu, geglu: gated)", choices=MLPS)
@@ -183,6 +188,33 @@ class GPTConfig:
         None, "which layers the sliding window applies to: L (local, windowed) or G (global) per "
         "layer, the string repeated over the layers (default: all; Gemma 2: LG)",
         check=_pattern("LG"),
+    )  # fmt: skip
+    rope_local_theta: float | None = option(
+        None, "rotary base of the windowed layers, which then skip rope_scaling (default: "
+        "rope_theta; Gemma 3: 10000)", above=0,
+    )  # fmt: skip
+    rope_layers: str | None = option(
+        None, "which layers rotate: R (rotary) or N (no positions) per layer, the string "
+        "repeated over the layers (default: all; SmolLM3's no_rope_layers)", check=_pattern("RN"),
+    )  # fmt: skip
+    norm_position: str = option(
+        "pre", "where each branch's norm sits: pre (its input), post (its output, before the "
+        "residual add: OLMo-2), sandwich (both: Gemma 2/3)", choices=NORM_POSITIONS,
+    )  # fmt: skip
+    qk_norm_span: str = option(
+        "head", "what qk_norm normalises: each head, or the whole projection (n_head * d_head) "
+        "before heads split (OLMo-2)", choices=QK_NORM_SPANS,
+    )  # fmt: skip
+    embed_scale: bool = option(
+        False, "multiply the token embedding by sqrt(n_embd), rounded to the model dtype (Gemma)"
+    )
+    attn_scale: float | None = option(
+        None, "scale of the attention scores (default 1/sqrt(d_head); Gemma: "
+        "query_pre_attn_scalar ** -0.5)", above=0,
+    )  # fmt: skip
+    attn_softcap: float | None = option(
+        None, "soft-cap the attention scores: cap * tanh(scores / cap) (Gemma 2; default none)",
+        above=0,
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -234,15 +266,28 @@ class GPTConfig:
                 "GPTConfig.rope_scaling", scaling,
                 f"longrope needs rotary_dim / 2 = {self.rotary_dim // 2} factors of each kind",
             )  # fmt: skip
-        if self.window_pattern is not None and self.sliding_window is None:
-            raise OptionError(
-                "GPTConfig.window_pattern", self.window_pattern, "needs a sliding_window"
-            )
+        needs = {
+            "window_pattern": ("a sliding_window", self.sliding_window is not None),
+            "rope_local_theta": (
+                "rotary positions and a sliding_window",
+                self.position == "rotary" and self.sliding_window is not None,
+            ),
+            "rope_layers": ("position='rotary'", self.position == "rotary"),
+            "qk_norm_span": ("qk_norm", self.qk_norm),
+        }
+        for name, (what, present) in needs.items():
+            if getattr(self, name) not in (None, "head") and not present:
+                raise OptionError(f"GPTConfig.{name}", getattr(self, name), f"needs {what}")
 
     def windowed(self, layer: int) -> bool:
         """Whether block ``layer`` attends through the sliding window."""
         pattern = self.window_pattern or "L"
         return self.sliding_window is not None and pattern[layer % len(pattern)] == "L"
+
+    def rotates(self, layer: int) -> bool:
+        """Whether block ``layer`` applies rotary positions."""
+        pattern = self.rope_layers or "R"
+        return self.position == "rotary" and pattern[layer % len(pattern)] == "R"
 
     @property
     def rotary_dim(self) -> int:

@@ -61,10 +61,13 @@ def embed(
     positions: Int[Tensor, "*#batch seq"],
     ctx: Context | None = None,
 ) -> Float[Tensor, "batch seq d_model"]:
-    """Token embedding (``embed``), plus the learned position embedding (``pos_embed``) when
-    the tree has one (``wpe``)."""
+    """Token embedding (``embed``; times sqrt(n_embd) with ``embed_scale``), plus the learned
+    position embedding (``pos_embed``) when the tree has one (``wpe``)."""
     ctx = Context(GPTConfig.from_params(params)) if ctx is None else ctx
-    x = ctx.tap("embed", F.embedding(tokens, params["wte"]))
+    x = F.embedding(tokens, params["wte"])
+    if ctx.cfg.embed_scale:  # sqrt(d) as float32, then the model's dtype, as Hugging Face
+        x = x * torch.tensor(x.shape[-1] ** 0.5).to(x.dtype)
+    x = ctx.tap("embed", x)
     if "wpe" in params:
         x = x + ctx.tap("pos_embed", F.embedding(positions, params["wpe"]).expand_as(x))
     return x
@@ -148,8 +151,18 @@ def _rms_norm(p: Params, x: Tensor, eps: float) -> Tensor:
     return x if "bias" not in p else x + p["bias"]
 
 
+def _rms_norm_plus1(p: Params, x: Tensor, eps: float) -> Tensor:
+    """Gemma's RMSNorm: ``x / rms * (1 + scale)`` all in at least float32, then the input's
+    dtype."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(wide)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + p["scale"].to(wide))
+    return y.to(x.dtype) if "bias" not in p else y.to(x.dtype) + p["bias"]
+
+
 def norm(p: Params, x: Float[Tensor, "*batch d"], ctx: Context) -> Float[Tensor, "*batch d"]:
-    """The config's norm (LayerNorm or RMSNorm, with or without bias) over the last axis.
+    """The config's norm (LayerNorm, RMSNorm, or Gemma's RMSNorm with ``1 + scale``; with or
+    without bias) over the last axis.
 
     A hook that wants ``{prefix}rms`` or ``{prefix}normalized`` gets the norm taken apart:
     ``rms`` = sqrt(mean(x_c^2) + eps) [... 1] (x_c centred for LayerNorm, x for RMSNorm) and
@@ -159,10 +172,13 @@ def norm(p: Params, x: Float[Tensor, "*batch d"], ctx: Context) -> Float[Tensor,
     if ctx.wants("rms") or ctx.wants("normalized"):
         centred = x - x.mean(-1, keepdim=True) if cfg.norm == "layernorm" else x
         rms = ctx.tap("rms", (centred.pow(2).mean(-1, keepdim=True) + cfg.norm_eps).sqrt())
-        out = ctx.tap("normalized", centred / rms) * p["scale"]
+        scale = p["scale"] + 1 if cfg.norm == "rmsnorm_plus1" else p["scale"]
+        out = ctx.tap("normalized", centred / rms) * scale
         out = out if "bias" not in p else out + p["bias"]
     elif cfg.norm == "layernorm":
         out = F.layer_norm(x, x.shape[-1:], p["scale"], p.get("bias"), cfg.norm_eps)
+    elif cfg.norm == "rmsnorm_plus1":
+        out = _rms_norm_plus1(p, x, cfg.norm_eps)
     else:
         out = _rms_norm(p, x, cfg.norm_eps)
     return ctx.tap("out", out)
