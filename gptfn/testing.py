@@ -74,42 +74,50 @@ def configs(
         "tie_embeddings": draw(st.booleans()) if tie_embeddings is None else tie_embeddings,
     }
     if architectures:
-        options["position"] = draw(st.sampled_from(POSITIONS))
-        if options["position"] == "rotary":
-            size += size % 2  # rotary turns pairs of dims
-            fractions = [1.0, 0.5] if size % 4 == 0 else [1.0]
-            options["rotary_fraction"] = draw(st.sampled_from(fractions))
-        options["norm"] = draw(st.sampled_from(NORMS))
-        options["mlp"] = draw(st.sampled_from(MLPS))
-        options["d_mlp"] = draw(st.one_of(st.none(), st.integers(1, 12)))
-        divisors = [d for d in range(heads, 0, -1) if heads % d == 0]
-        options["n_kv_head"] = draw(st.sampled_from(divisors))
-        for name in ("qkv_bias", "mlp_bias", "norm_bias"):
-            options[name] = draw(st.one_of(st.none(), st.booleans()))
-        options["qk_norm"] = draw(st.booleans())
-        options["parallel_residual"] = draw(st.booleans())
-        options["logit_softcap"] = draw(st.one_of(st.none(), st.floats(1.0, 30.0)))
-        options["norm_eps"] = draw(st.sampled_from([1e-5, 1e-6]))
-        if options["position"] == "rotary":
-            options["rope_theta"] = draw(st.sampled_from([10000.0, 500.0]))
-            half = int(size * options["rotary_fraction"]) // 2
-            longrope = ("longrope", 4, 1.2, *[1.0 + i for i in range(half)], *[3.0] * half)
-            scalings = [None, (8.0, 1.0, 4.0, 8), ("linear", 2.0), longrope]
-            options["rope_scaling"] = draw(st.sampled_from(scalings))
-        options["sliding_window"] = draw(st.one_of(st.none(), st.integers(1, 8)))
-        if options["sliding_window"] is not None:
-            options["window_pattern"] = draw(st.sampled_from([None, "LG", "GLL"]))
-        options["norm_position"] = draw(st.sampled_from(NORM_POSITIONS))
-        if options["qk_norm"]:
-            options["qk_norm_span"] = draw(st.sampled_from(QK_NORM_SPANS))
-        options["embed_scale"] = draw(st.booleans())
-        options["attn_scale"] = draw(st.one_of(st.none(), st.floats(0.1, 1.0)))
-        options["attn_softcap"] = draw(st.one_of(st.none(), st.floats(1.0, 50.0)))
-        if options["position"] == "rotary":
-            options["rope_layers"] = draw(st.sampled_from([None, "RN", "NRR"]))
-            if options["sliding_window"] is not None:
-                options["rope_local_theta"] = draw(st.sampled_from([None, 100.0]))
+        size = _draw_architecture(draw, options, heads, size)
     return GPTConfig(**sizes, n_embd=heads * size, **(options | fixed))
+
+
+def _draw_architecture(draw: st.DrawFn, options: dict[str, Any], heads: int, size: int) -> int:
+    """Draw every architecture option into ``options`` (in the order gptfn always drew them,
+    newer options last); returns the head size (rotary rounds it up to an even number)."""
+    options["position"] = draw(st.sampled_from(POSITIONS))
+    if options["position"] == "rotary":
+        size += size % 2  # rotary turns pairs of dims
+        fractions = [1.0, 0.5] if size % 4 == 0 else [1.0]
+        options["rotary_fraction"] = draw(st.sampled_from(fractions))
+    options["norm"] = draw(st.sampled_from(NORMS))
+    options["mlp"] = draw(st.sampled_from(MLPS))
+    options["d_mlp"] = draw(st.one_of(st.none(), st.integers(1, 12)))
+    divisors = [d for d in range(heads, 0, -1) if heads % d == 0]
+    options["n_kv_head"] = draw(st.sampled_from(divisors))
+    for name in ("qkv_bias", "mlp_bias", "norm_bias"):
+        options[name] = draw(st.one_of(st.none(), st.booleans()))
+    options["qk_norm"] = draw(st.booleans())
+    options["parallel_residual"] = draw(st.booleans())
+    options["logit_softcap"] = draw(st.one_of(st.none(), st.floats(1.0, 30.0)))
+    options["norm_eps"] = draw(st.sampled_from([1e-5, 1e-6]))
+    if options["position"] == "rotary":
+        options["rope_theta"] = draw(st.sampled_from([10000.0, 500.0]))
+        half = int(size * options["rotary_fraction"]) // 2
+        longrope = ("longrope", 4, 1.2, *[1.0 + i for i in range(half)], *[3.0] * half)
+        scalings = [None, (8.0, 1.0, 4.0, 8), ("linear", 2.0), longrope]
+        options["rope_scaling"] = draw(st.sampled_from(scalings))
+    options["sliding_window"] = draw(st.one_of(st.none(), st.integers(1, 8)))
+    if options["sliding_window"] is not None:
+        options["window_pattern"] = draw(st.sampled_from([None, "LG", "GLL"]))
+    if heads * size >= 4:  # a norm of 1-3 numbers on a branch's output is a near step
+        options["norm_position"] = draw(st.sampled_from(NORM_POSITIONS))  # (finite differences)
+    if options["qk_norm"]:
+        options["qk_norm_span"] = draw(st.sampled_from(QK_NORM_SPANS))
+    options["embed_scale"] = draw(st.booleans())
+    options["attn_scale"] = draw(st.one_of(st.none(), st.floats(0.1, 1.0)))
+    options["attn_softcap"] = draw(st.one_of(st.none(), st.floats(1.0, 50.0)))
+    if options["position"] == "rotary":
+        options["rope_layers"] = draw(st.sampled_from([None, "RN", "NRR"]))
+        if options["sliding_window"] is not None:
+            options["rope_local_theta"] = draw(st.sampled_from([None, 100.0]))
+    return size
 
 
 DRAWN = frozenset({
