@@ -124,6 +124,20 @@ MORE_CONFIGS = {
         **WINDOWED, num_attention_heads=6, num_key_value_heads=2, head_dim=4, attention_bias=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     ),
+    "olmo2": lambda: transformers.Olmo2Config(
+        **WINDOWED, num_attention_heads=6, num_key_value_heads=2
+    ),
+    "olmo2_bias_tied": lambda: transformers.Olmo2Config(
+        **WINDOWED, num_attention_heads=3, num_key_value_heads=3, attention_bias=True,
+        tie_word_embeddings=True,
+    ),
+    "smollm3": lambda: transformers.SmolLM3Config(
+        **WINDOWED, num_attention_heads=6, num_key_value_heads=2, no_rope_layer_interval=2,
+    ),
+    "smollm3_window": lambda: transformers.SmolLM3Config(
+        **{**WINDOWED, "num_hidden_layers": 3}, num_attention_heads=3, num_key_value_heads=1,
+        no_rope_layers=[1, 0, 0], use_sliding_window=True, sliding_window=4,
+    ),
     "llama_linear_scaling": lambda: transformers.LlamaConfig(
         **WINDOWED, num_attention_heads=3, num_key_value_heads=1,
         rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0},

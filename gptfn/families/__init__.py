@@ -16,7 +16,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from gptfn.families import gpt2, llama, mistral, neox, qwen2, qwen3
+from gptfn.families import gpt2, llama, mistral, neox, olmo2, qwen2, qwen3, smollm3
 from gptfn.families.common import TrackedTree, refuse_unmapped
 from gptfn.families.gpt2 import from_hf_gpt2
 from gptfn.model import GPTConfig, check_params
@@ -31,6 +31,8 @@ FAMILIES: dict[str, ModuleType] = {
     neox.MODEL_TYPE: neox,
     mistral.MODEL_TYPE: mistral,
     qwen3.MODEL_TYPE: qwen3,
+    olmo2.MODEL_TYPE: olmo2,
+    smollm3.MODEL_TYPE: smollm3,
 }
 """model_type (as in config.json) -> family module."""
 
