@@ -105,8 +105,9 @@ FAMILY_CONFIGS = {
 }
 
 
-WINDOWED = {**LLAMA, "max_position_embeddings": 40}
-"""Families of issue 24: windows (4 or 5) shorter than the test sequences (20 tokens)."""
+WINDOWED = {**LLAMA, "max_position_embeddings": 40, "attn_implementation": "eager"}
+"""Families of issue 24: windows (4 or 5) shorter than the test sequences (20 tokens); eager
+attention (Hugging Face's SDPA path drops Gemma 2's attention soft-cap)."""
 
 MORE_CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(
@@ -137,6 +138,25 @@ MORE_CONFIGS = {
     "smollm3_window": lambda: transformers.SmolLM3Config(
         **{**WINDOWED, "num_hidden_layers": 3}, num_attention_heads=3, num_key_value_heads=1,
         no_rope_layers=[1, 0, 0], use_sliding_window=True, sliding_window=4,
+    ),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **WINDOWED, num_attention_heads=6, num_key_value_heads=2, head_dim=10,
+        query_pre_attn_scalar=12, sliding_window=4, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+    ),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **{**WINDOWED, "num_hidden_layers": 3}, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    ),
+    "gemma3_softcap_untied": lambda: transformers.Gemma3TextConfig(
+        **WINDOWED, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+        sliding_window=5, attn_logit_softcapping=4.0, final_logit_softcapping=6.0,
+        tie_word_embeddings=False,
     ),
     "llama_linear_scaling": lambda: transformers.LlamaConfig(
         **WINDOWED, num_attention_heads=3, num_key_value_heads=1,

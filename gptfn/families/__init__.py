@@ -16,7 +16,18 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from gptfn.families import gpt2, llama, mistral, neox, olmo2, qwen2, qwen3, smollm3
+from gptfn.families import (
+    gemma2,
+    gemma3,
+    gpt2,
+    llama,
+    mistral,
+    neox,
+    olmo2,
+    qwen2,
+    qwen3,
+    smollm3,
+)
 from gptfn.families.common import TrackedTree, refuse_unmapped
 from gptfn.families.gpt2 import from_hf_gpt2
 from gptfn.model import GPTConfig, check_params
@@ -33,6 +44,9 @@ FAMILIES: dict[str, ModuleType] = {
     qwen3.MODEL_TYPE: qwen3,
     olmo2.MODEL_TYPE: olmo2,
     smollm3.MODEL_TYPE: smollm3,
+    gemma2.MODEL_TYPE: gemma2,
+    gemma3.MODEL_TYPE: gemma3,
+    "gemma3": gemma3,  # multimodal folders: the text model is read, and written as gemma3_text
 }
 """model_type (as in config.json) -> family module."""
 
@@ -84,7 +98,7 @@ def _family_for(cfg: GPTConfig, model_type: str | None) -> tuple[ModuleType, dic
         fam = family(model_type)
         return fam, _config_to_hf(fam, cfg)
     reasons = []
-    for fam in FAMILIES.values():
+    for fam in dict.fromkeys(FAMILIES.values()):
         try:
             return fam, _config_to_hf(fam, cfg)
         except ValueError as err:
