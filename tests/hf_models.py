@@ -158,6 +158,18 @@ MORE_CONFIGS = {
         sliding_window=5, attn_logit_softcapping=4.0, final_logit_softcapping=6.0,
         tie_word_embeddings=False,
     ),
+    "phi3_longrope": lambda: transformers.Phi3Config(
+        **WINDOWED, num_attention_heads=3, num_key_value_heads=1, sliding_window=5,
+        original_max_position_embeddings=8, partial_rotary_factor=0.75,
+        rope_parameters={
+            "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.5, 2.0], "long_factor": [2.0, 4.0, 7.0],
+        },
+    ),
+    "phi4_mini_tied": lambda: transformers.Phi3Config(
+        **WINDOWED, num_attention_heads=3, num_key_value_heads=1, partial_rotary_factor=0.75,
+        tie_word_embeddings=True,
+    ),
     "llama_linear_scaling": lambda: transformers.LlamaConfig(
         **WINDOWED, num_attention_heads=3, num_key_value_heads=1,
         rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0},

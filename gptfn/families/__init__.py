@@ -24,6 +24,7 @@ from gptfn.families import (
     mistral,
     neox,
     olmo2,
+    phi3,
     qwen2,
     qwen3,
     smollm3,
@@ -44,6 +45,7 @@ FAMILIES: dict[str, ModuleType] = {
     qwen3.MODEL_TYPE: qwen3,
     olmo2.MODEL_TYPE: olmo2,
     smollm3.MODEL_TYPE: smollm3,
+    phi3.MODEL_TYPE: phi3,
     gemma2.MODEL_TYPE: gemma2,
     gemma3.MODEL_TYPE: gemma3,
     "gemma3": gemma3,  # multimodal folders: the text model is read, and written as gemma3_text
