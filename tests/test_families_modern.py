@@ -118,18 +118,65 @@ def test_one_windowed_layer_sees_only_the_window():
     assert not torch.allclose(same[:, 4:6], moved[:, 4:6])
 
 
-@pytest.mark.parametrize("pattern", [None, "LG"])
-def test_sliding_window_compiles_fullgraph_and_compiled_generation_equals_eager(pattern):
-    cfg = gptfn.GPTConfig(vocab_size=13, block_size=24, n_layer=2, n_head=2, n_embd=8,
-                          position="rotary", sliding_window=3, window_pattern=pattern)  # fmt: skip
+COMPILED = {
+    "window": {"sliding_window": 3},
+    "window_post_norm": {
+        "sliding_window": 3, "window_pattern": "LG", "norm": "rmsnorm", "norm_position": "post",
+        "qk_norm": True, "qk_norm_span": "projection",
+    },
+    "gemma_like": {
+        "sliding_window": 3, "window_pattern": "LG", "norm": "rmsnorm_plus1",
+        "norm_position": "sandwich", "embed_scale": True, "attn_scale": 0.4, "attn_softcap": 3.0,
+        "rope_local_theta": 50.0, "rope_scaling": "linear,2", "rope_layers": "RRN",
+    },
+    "longrope": {"rope_scaling": ("longrope", 8, 1.2, 1, 2, 3, 4), "sliding_window": 5},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_compiles_fullgraph_and_compiled_generation_equals_eager(name):
+    cfg = gptfn.GPTConfig(vocab_size=13, block_size=24, n_layer=3, n_head=2, n_embd=8,
+                          position="rotary", **COMPILED[name])  # fmt: skip
     params = gptfn.init(cfg, seed=2)
-    params = gptfn.tree.map_with_path(lambda _, x: x * 5 if x.ndim > 1 else x, params)
+    params = gptfn.tree.map_with_path(lambda _, x: x * 5 if x.ndim > 1 else x + 0.2, params)
     gptfn.testing.assert_compile_matches_eager(
-        gptfn.forward,
-        params,
-        random_tokens(13, 2, 10),
+        gptfn.forward, params, random_tokens(13, 2, 10),
         more_args=[(params, random_tokens(13, 2, 10, 1))],
-    )
+    )  # fmt: skip
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
     eager = gptfn.generate(params, prompts, 10, temperature=0)
     assert gptfn.generate(params, prompts, 10, temperature=0, compile=True) == eager
+    with torch.compiler.set_stance("fail_on_recompile"):  # other tokens: the same graphs
+        again = gptfn.generate(params, [[2, 3, 4, 5, 6], [7, 8]], 10, temperature=0, compile=True)
+    assert again == gptfn.generate(params, [[2, 3, 4, 5, 6], [7, 8]], 10, temperature=0)
+
+
+def test_gemma3_multimodal_folders_give_their_text_model():
+    """Both layouts of ``gemma3`` (multimodal) weights: ``model.language_model.*`` (transformers
+    5) and ``language_model.model.*`` (older files); the vision weights are left out."""
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        image_size=28, patch_size=14,
+    )  # fmt: skip
+    config = transformers.Gemma3Config(
+        text_config=MORE_CONFIGS["gemma3"](), vision_config=vision, mm_tokens_per_image=4,
+        image_token_index=60, boi_token_index=58, eoi_token_index=59,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        expected = model(input_ids=TOKENS[:, :12] % 50).logits
+    new = model.state_dict()
+    old = {
+        k.replace("model.language_model.", "language_model.model.").replace(
+            "lm_head.", "language_model.lm_head."
+        ): v
+        for k, v in new.items()
+    }
+    for state_dict in (new, old):
+        params = gptfn.from_hf(state_dict, config.to_dict())
+        ours = gptfn.forward(params, TOKENS[:, :12] % 50)
+        assert float((ours - expected).abs().max()) < 1e-4 * float(expected.abs().max())
+    assert gptfn.families.hf_config(params)["model_type"] == "gemma3_text"
