@@ -125,6 +125,15 @@ MORE_CONFIGS = {
         **WINDOWED, num_attention_heads=6, num_key_value_heads=2, head_dim=4, attention_bias=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     ),
+    "qwen2_window": lambda: transformers.Qwen2Config(
+        **WINDOWED, num_attention_heads=6, num_key_value_heads=2, use_sliding_window=True,
+        sliding_window=4, max_window_layers=1,
+    ),
+    "qwen3_window": lambda: transformers.Qwen3Config(
+        **{**WINDOWED, "num_hidden_layers": 3}, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=8, use_sliding_window=True, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
     "olmo2": lambda: transformers.Olmo2Config(
         **WINDOWED, num_attention_heads=6, num_key_value_heads=2
     ),

@@ -96,8 +96,11 @@ def test_capture_and_patching_work(name):
 
 @pytest.mark.parametrize(
     "name, family, field",
-    [("mistral", "qwen3", "sliding_window"), ("qwen3", "mistral", "qk_norm"),
-     ("mistral", "llama", "sliding_window")],
+    [("mistral", "qwen3", "qk_norm"), ("qwen3", "mistral", "qk_norm"),
+     ("mistral", "llama", "sliding_window"), ("gemma2", "gemma3_text", "attn_softcap"),
+     ("gemma3", "gemma2", "qk_norm"), ("olmo2", "llama", "norm_position"),
+     ("smollm3", "llama", "rope_layers"), ("phi4_mini_tied", "llama", "rotary_fraction"),
+     ("gemma3", "phi3", "rope_local_theta")],
 )  # fmt: skip
 def test_a_tree_the_family_cannot_hold_is_refused_by_name(name, family, field):
     model = hf_model(name)

@@ -362,10 +362,13 @@ def layer_pattern(flags: list[bool], on: str, off: str) -> str | None:
 
 def window_from_hf(hf: dict[str, Any], n_layer: int) -> dict[str, Any]:
     """``sliding_window`` and ``window_pattern`` from a config.json: ``sliding_window`` (unless
-    ``use_sliding_window`` is false) on the layers ``layer_types`` calls sliding (every layer
-    when it is absent)."""
+    ``use_sliding_window`` is false) on the layers ``layer_types`` calls sliding (when it is
+    absent: every layer from ``max_window_layers``, default 0)."""
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-    types = hf.get("layer_types") or ["sliding_attention"] * n_layer
+    first_windowed = hf.get("max_window_layers", 0)  # Qwen2/3 without layer_types
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= first_windowed else "full_attention" for i in range(n_layer)
+    ]
     if unknown := set(types) - {"sliding_attention", "full_attention"}:
         raise ValueError(f"layer types {sorted(unknown)} are not supported")
     if window is None or "sliding_attention" not in types:
@@ -379,3 +382,14 @@ def layer_types_to_hf(cfg: GPTConfig) -> list[str]:
     return [
         "sliding_attention" if cfg.windowed(i) else "full_attention" for i in range(cfg.n_layer)
     ]
+
+
+def window_to_hf(cfg: GPTConfig) -> dict[str, Any]:
+    """The sliding-window keys of a Qwen-style config.json (``use_sliding_window`` and
+    ``layer_types``; ``max_window_layers`` for older readers when windows start at a layer)."""
+    types = layer_types_to_hf(cfg)
+    windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    return {
+        "use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window,
+        "layer_types": types, "max_window_layers": windowed[0] if windowed else cfg.n_layer,
+    }  # fmt: skip

@@ -7,21 +7,20 @@ from __future__ import annotations
 from typing import Any
 
 from gptfn.families import llama
-from gptfn.families.common import require, window_from_hf
+from gptfn.families.common import require, window_from_hf, window_to_hf
 from gptfn.model import GPTConfig
 from gptfn.shapes import Params, Tensor
 
 MODEL_TYPE = "qwen3"
 NAME = "Qwen3"
-MAPS = llama.MAPS | {"qk_norm"}
+MAPS = llama.MAPS | {"qk_norm", "sliding_window", "window_pattern"}
 ARCHITECTURE = "Qwen3ForCausalLM"
 
 
 def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
-    """GPTConfig from a Qwen3 config.json (sliding-window layers are refused)."""
-    if window_from_hf(hf, hf["num_hidden_layers"])["sliding_window"] is not None:
-        raise ValueError("Qwen3 with sliding-window layers (use_sliding_window) is not supported")
-    return GPTConfig(**llama.fields_from_hf({**hf, "mlp_bias": False}, NAME), qk_norm=True)
+    """GPTConfig from a Qwen3 config.json."""
+    fields = llama.fields_from_hf({**hf, "mlp_bias": False}, NAME)
+    return GPTConfig(**fields, **window_from_hf(hf, hf["num_hidden_layers"]), qk_norm=True)
 
 
 def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
@@ -29,7 +28,7 @@ def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
     require(cfg, NAME, {**llama.REQUIRED, "qk_norm": True, "qkv_bias": cfg.bias, "mlp_bias": False})
     return {
         "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **llama.common_to_hf(cfg),
-        "attention_bias": cfg.bias, "use_sliding_window": False,
+        "attention_bias": cfg.bias, **window_to_hf(cfg),
     }  # fmt: skip
 
 
