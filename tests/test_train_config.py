@@ -105,7 +105,9 @@ def test_every_flag_is_a_toml_key(tmp_path):
     defaults = TrainConfig().flat() | {"data": "somewhere", "resume": "auto"}
     unset = {"norm_bias": True, "mlp_bias": False, "qkv_bias": True, "n_kv_head": 2,
              "d_head": 32, "d_mlp": 64, "logit_softcap": 30.0, "init_from": "a/model",
-             "rope_scaling": [8.0, 1.0, 4.0, 128]}  # fmt: skip
+             "rope_scaling": [8.0, 1.0, 4.0, 128], "sliding_window": 16, "window_pattern": "LG",
+             "rope_local_theta": 100.0, "rope_layers": "RN", "attn_scale": 0.2,
+             "attn_softcap": 50.0}  # fmt: skip
     assert {k for k, v in defaults.items() if v is None} == set(unset)
     defaults |= unset  # TOML has no None: leaving a key out leaves the option unset
     flags = [
