@@ -161,7 +161,9 @@ def _compiling_one_query(mask: Tensor) -> bool:
     return mask.ndim == 4 and torch.compiler.is_compiling()
 
 
-def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+def _one_query_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None
+) -> Tensor:
     """Attention of one query per row (a decode step) as matmul, softmax, matmul, which
     inductor fuses into the compiled step. Grouped-query heads share their key/value head
     without copying the cache; the softmax runs in float32 (as SDPA's math backend does for
@@ -169,6 +171,7 @@ def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: f
     batch, heads, _, d_head = q.shape
     groups = k.shape[1]
     q = q.reshape(batch, groups, heads // groups, d_head)  # query heads of one kv head together
+    scale = 1 / math.sqrt(d_head) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b g heads/g keys]
     if mask.shape[1] != 1:  # a per-head mask [b heads 1 keys] follows the grouping
         mask = mask.reshape(mask.shape[0], groups, heads // groups, -1)
