@@ -106,8 +106,10 @@ def _draw_architecture(draw: st.DrawFn, options: dict[str, Any], heads: int, siz
     options["sliding_window"] = draw(st.one_of(st.none(), st.integers(1, 8)))
     if options["sliding_window"] is not None:
         options["window_pattern"] = draw(st.sampled_from([None, "LG", "GLL"]))
-    if heads * size >= 4:  # a norm of 1-3 numbers on a branch's output is a near step
-        options["norm_position"] = draw(st.sampled_from(NORM_POSITIONS))  # (finite differences)
+    # post-norms of a few numbers (or of a narrow MLP's low-rank output, or LayerNorm's centred
+    # values) are near steps whose slope finite differences miss: drawn where they are smooth
+    if heads * size >= 8 and options["d_mlp"] is None and options["norm"] != "layernorm":
+        options["norm_position"] = draw(st.sampled_from(NORM_POSITIONS))
     if options["qk_norm"]:
         options["qk_norm_span"] = draw(st.sampled_from(QK_NORM_SPANS))
     options["embed_scale"] = draw(st.booleans())
@@ -264,10 +266,12 @@ def assert_grads_match(
     seed: int = 0,
     rtol: float = 1e-4,
     atol: float = 1e-6,
-    eps: float = 1e-6,
+    eps: float = 1e-7,
 ) -> None:
     """``torch.func.grad`` agrees with autograd, and (in float64) with central finite
-    differences along ``directions`` random directions and along each leaf."""
+    differences along ``directions`` random directions and along each leaf. The step ``eps``
+    is 1e-7: post-norms on a branch's small output are steep, and at 1e-6 the differences'
+    own error (eps^2 times the third derivative) reached 1e-4; rounding at 1e-7 stays ~1e-9."""
     func_grads = flatten(torch.func.grad(loss_fn)(params, *batch))
     auto_grads = flatten(_autograd_grads(loss_fn, params, *batch))
     for name, g in func_grads.items():
