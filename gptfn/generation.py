@@ -339,11 +339,23 @@ def generate_stream(
         yield _record(nxt.tolist(), history, done, eos_token_id)
         if all(done) or step == max_new_tokens - 1:
             return
-        if filled == width:  # full: rebuild over a window
+        if filled == width or _rope_switches(params, history):  # rebuild the cache
             nxt, cache, filled = prefill(block_size)
         else:
             nxt, cache = steps[1](params, nxt, cache, uniform(), *sampling)
             filled += 1
+
+
+def _rope_switches(params: Params, history: list[list[int]]) -> bool:
+    """Whether a row's sequence just passed a ``longrope`` model's original context: from here
+    its rotary tables use the long factors, for the cached keys too, so the cache is rebuilt
+    (as Hugging Face's Phi-3 drops its cache at that point)."""
+    scaling = GPTConfig.from_params(params).rope_scaling
+    return (
+        scaling is not None
+        and scaling.kind == "longrope"
+        and any(len(h) == scaling.original_context + 1 for h in history)
+    )
 
 
 def _uniform(

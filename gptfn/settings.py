@@ -67,11 +67,13 @@ def value_type(kind: Any) -> Any:
 
 
 def _coerce(kind: Any, value: Any) -> Any:
-    """``value`` as ``kind`` (int, float, str, bool, a fixed tuple of those, or X | None), or
-    raise TypeError."""
+    """``value`` as ``kind`` (int, float, str, bool, a fixed tuple of those, a class with a
+    ``from_value`` constructor, or X | None), or raise TypeError."""
     if value is None and value_type(kind) is not kind:
         return None
     kind = value_type(kind)
+    if hasattr(kind, "from_value"):  # a structured value (``GPTConfig.rope_scaling``)
+        return kind.from_value(value)
     if typing.get_origin(kind) is tuple:
         items = typing.get_args(kind)
         if not isinstance(value, (tuple, list)) or len(value) != len(items):

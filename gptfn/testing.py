@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from gptfn.model import GPTConfig, init
-from gptfn.model.config import MLPS, NORMS, POSITIONS
+from gptfn.model.config import MLPS, NORM_POSITIONS, NORMS, POSITIONS, QK_NORM_SPANS
 from gptfn.tree import Tree, flatten, unstack
 
 # ----------------------------------------------------------------------------- strategies
@@ -56,7 +56,9 @@ def configs(
 
     With ``architectures`` (the default) every option is drawn too: positions, norm, MLP kind and
     width, key/value heads (a divisor of ``n_head``), QK-norm, the separate biases, parallel
-    residual, logit soft-cap; rotary positions round ``head_size`` up to an even number.
+    residual, logit soft-cap, sliding window, norm placement, attention scale and soft-cap;
+    rotary positions round ``head_size`` up to an
+    even number.
     ``architectures=False`` draws GPT-2 only. Keywords naming other ``GPTConfig`` fields fix
     them (``configs(position="rotary")``). Everything shrinks towards GPT-2's choices."""
     heads = draw(st.integers(*n_head))
@@ -72,33 +74,60 @@ def configs(
         "tie_embeddings": draw(st.booleans()) if tie_embeddings is None else tie_embeddings,
     }
     if architectures:
-        options["position"] = draw(st.sampled_from(POSITIONS))
-        if options["position"] == "rotary":
-            size += size % 2  # rotary turns pairs of dims
-            fractions = [1.0, 0.5] if size % 4 == 0 else [1.0]
-            options["rotary_fraction"] = draw(st.sampled_from(fractions))
-        options["norm"] = draw(st.sampled_from(NORMS))
-        options["mlp"] = draw(st.sampled_from(MLPS))
-        options["d_mlp"] = draw(st.one_of(st.none(), st.integers(1, 12)))
-        divisors = [d for d in range(heads, 0, -1) if heads % d == 0]
-        options["n_kv_head"] = draw(st.sampled_from(divisors))
-        for name in ("qkv_bias", "mlp_bias", "norm_bias"):
-            options[name] = draw(st.one_of(st.none(), st.booleans()))
-        options["qk_norm"] = draw(st.booleans())
-        options["parallel_residual"] = draw(st.booleans())
-        options["logit_softcap"] = draw(st.one_of(st.none(), st.floats(1.0, 30.0)))
-        options["norm_eps"] = draw(st.sampled_from([1e-5, 1e-6]))
-        if options["position"] == "rotary":
-            options["rope_theta"] = draw(st.sampled_from([10000.0, 500.0]))
-            options["rope_scaling"] = draw(st.sampled_from([None, (8.0, 1.0, 4.0, 8)]))
+        size = _draw_architecture(draw, options, heads, size)
     return GPTConfig(**sizes, n_embd=heads * size, **(options | fixed))
+
+
+def _draw_architecture(draw: st.DrawFn, options: dict[str, Any], heads: int, size: int) -> int:
+    """Draw every architecture option into ``options`` (in the order gptfn always drew them,
+    newer options last); returns the head size (rotary rounds it up to an even number)."""
+    options["position"] = draw(st.sampled_from(POSITIONS))
+    if options["position"] == "rotary":
+        size += size % 2  # rotary turns pairs of dims
+        fractions = [1.0, 0.5] if size % 4 == 0 else [1.0]
+        options["rotary_fraction"] = draw(st.sampled_from(fractions))
+    options["norm"] = draw(st.sampled_from(NORMS))
+    options["mlp"] = draw(st.sampled_from(MLPS))
+    options["d_mlp"] = draw(st.one_of(st.none(), st.integers(1, 12)))
+    divisors = [d for d in range(heads, 0, -1) if heads % d == 0]
+    options["n_kv_head"] = draw(st.sampled_from(divisors))
+    for name in ("qkv_bias", "mlp_bias", "norm_bias"):
+        options[name] = draw(st.one_of(st.none(), st.booleans()))
+    options["qk_norm"] = draw(st.booleans())
+    options["parallel_residual"] = draw(st.booleans())
+    options["logit_softcap"] = draw(st.one_of(st.none(), st.floats(1.0, 30.0)))
+    options["norm_eps"] = draw(st.sampled_from([1e-5, 1e-6]))
+    if options["position"] == "rotary":
+        options["rope_theta"] = draw(st.sampled_from([10000.0, 500.0]))
+        half = int(size * options["rotary_fraction"]) // 2
+        longrope = ("longrope", 4, 1.2, *[1.0 + i for i in range(half)], *[3.0] * half)
+        scalings = [None, (8.0, 1.0, 4.0, 8), ("linear", 2.0), longrope]
+        options["rope_scaling"] = draw(st.sampled_from(scalings))
+    options["sliding_window"] = draw(st.one_of(st.none(), st.integers(1, 8)))
+    if options["sliding_window"] is not None:
+        options["window_pattern"] = draw(st.sampled_from([None, "LG", "GLL"]))
+    # post-norms of a few numbers (or of a narrow MLP's low-rank output, or LayerNorm's centred
+    # values) are near steps whose slope finite differences miss: drawn where they are smooth
+    if heads * size >= 8 and options["d_mlp"] is None and options["norm"] != "layernorm":
+        options["norm_position"] = draw(st.sampled_from(NORM_POSITIONS))
+    if options["qk_norm"]:
+        options["qk_norm_span"] = draw(st.sampled_from(QK_NORM_SPANS))
+    options["embed_scale"] = draw(st.booleans())
+    options["attn_scale"] = draw(st.one_of(st.none(), st.floats(0.1, 1.0)))
+    options["attn_softcap"] = draw(st.one_of(st.none(), st.floats(1.0, 50.0)))
+    if options["position"] == "rotary":
+        options["rope_layers"] = draw(st.sampled_from([None, "RN", "NRR"]))
+        if options["sliding_window"] is not None:
+            options["rope_local_theta"] = draw(st.sampled_from([None, 100.0]))
+    return size
 
 
 DRAWN = frozenset({
     "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_embeddings",
     "position", "rotary_fraction", "norm", "mlp", "d_mlp", "n_kv_head", "qkv_bias", "mlp_bias",
     "norm_bias", "qk_norm", "parallel_residual", "logit_softcap", "norm_eps", "rope_theta",
-    "rope_scaling",
+    "rope_scaling", "sliding_window", "window_pattern", "norm_position", "qk_norm_span",
+    "embed_scale", "attn_scale", "attn_softcap", "rope_layers", "rope_local_theta",
 })  # fmt: skip
 """The ``GPTConfig`` fields :func:`configs` draws (with ``architectures``)."""
 
@@ -237,10 +266,12 @@ def assert_grads_match(
     seed: int = 0,
     rtol: float = 1e-4,
     atol: float = 1e-6,
-    eps: float = 1e-6,
+    eps: float = 1e-7,
 ) -> None:
     """``torch.func.grad`` agrees with autograd, and (in float64) with central finite
-    differences along ``directions`` random directions and along each leaf."""
+    differences along ``directions`` random directions and along each leaf. The step ``eps``
+    is 1e-7: post-norms on a branch's small output are steep, and at 1e-6 the differences'
+    own error (eps^2 times the third derivative) reached 1e-4; rounding at 1e-7 stays ~1e-9."""
     func_grads = flatten(torch.func.grad(loss_fn)(params, *batch))
     auto_grads = flatten(_autograd_grads(loss_fn, params, *batch))
     for name, g in func_grads.items():

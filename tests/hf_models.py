@@ -105,11 +105,94 @@ FAMILY_CONFIGS = {
 }
 
 
+WINDOWED = {**LLAMA, "max_position_embeddings": 40, "attn_implementation": "eager"}
+"""Families of issue 24: windows (4 or 5) shorter than the test sequences (20 tokens); eager
+attention (Hugging Face's SDPA path drops Gemma 2's attention soft-cap)."""
+
+MORE_CONFIGS = {
+    "mistral": lambda: transformers.MistralConfig(
+        **WINDOWED, num_attention_heads=6, num_key_value_heads=2, head_dim=6, sliding_window=5
+    ),
+    "mistral_full": lambda: transformers.MistralConfig(
+        **WINDOWED, num_attention_heads=3, num_key_value_heads=1, sliding_window=None,
+        tie_word_embeddings=True,
+    ),
+    "qwen3": lambda: transformers.Qwen3Config(
+        **WINDOWED, num_attention_heads=3, num_key_value_heads=1, head_dim=10,
+        tie_word_embeddings=True,
+    ),
+    "qwen3_bias": lambda: transformers.Qwen3Config(
+        **WINDOWED, num_attention_heads=6, num_key_value_heads=2, head_dim=4, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ),
+    "qwen2_window": lambda: transformers.Qwen2Config(
+        **WINDOWED, num_attention_heads=6, num_key_value_heads=2, use_sliding_window=True,
+        sliding_window=4, max_window_layers=1,
+    ),
+    "qwen3_window": lambda: transformers.Qwen3Config(
+        **{**WINDOWED, "num_hidden_layers": 3}, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=8, use_sliding_window=True, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
+    "olmo2": lambda: transformers.Olmo2Config(
+        **WINDOWED, num_attention_heads=6, num_key_value_heads=2
+    ),
+    "olmo2_bias_tied": lambda: transformers.Olmo2Config(
+        **WINDOWED, num_attention_heads=3, num_key_value_heads=3, attention_bias=True,
+        tie_word_embeddings=True,
+    ),
+    "smollm3": lambda: transformers.SmolLM3Config(
+        **WINDOWED, num_attention_heads=6, num_key_value_heads=2, no_rope_layer_interval=2,
+    ),
+    "smollm3_window": lambda: transformers.SmolLM3Config(
+        **{**WINDOWED, "num_hidden_layers": 3}, num_attention_heads=3, num_key_value_heads=1,
+        no_rope_layers=[1, 0, 0], use_sliding_window=True, sliding_window=4,
+    ),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **WINDOWED, num_attention_heads=6, num_key_value_heads=2, head_dim=10,
+        query_pre_attn_scalar=12, sliding_window=4, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+    ),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **{**WINDOWED, "num_hidden_layers": 3}, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    ),
+    "gemma3_softcap_untied": lambda: transformers.Gemma3TextConfig(
+        **WINDOWED, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+        sliding_window=5, attn_logit_softcapping=4.0, final_logit_softcapping=6.0,
+        tie_word_embeddings=False,
+    ),
+    "phi3_longrope": lambda: transformers.Phi3Config(
+        **WINDOWED, num_attention_heads=3, num_key_value_heads=1, sliding_window=5,
+        original_max_position_embeddings=8, partial_rotary_factor=0.75,
+        rope_parameters={
+            "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.5, 2.0], "long_factor": [2.0, 4.0, 7.0],
+        },
+    ),
+    "phi4_mini_tied": lambda: transformers.Phi3Config(
+        **WINDOWED, num_attention_heads=3, num_key_value_heads=1, partial_rotary_factor=0.75,
+        tie_word_embeddings=True,
+    ),
+    "llama_linear_scaling": lambda: transformers.LlamaConfig(
+        **WINDOWED, num_attention_heads=3, num_key_value_heads=1,
+        rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0},
+    ),
+}  # fmt: skip
+"""Random tiny models of the families added for issue 24 (tests/test_families_modern.py)."""
+
+
 def hf_model(name: str, dtype: torch.dtype = torch.float32, scale: float = 1.0):
-    """A random model of ``FAMILY_CONFIGS[name]`` in eval mode. ``scale`` multiplies the
-    matrices (peakier logits: greedy decoding then has no near-ties)."""
-    torch.manual_seed(sorted(FAMILY_CONFIGS).index(name))
-    model = transformers.AutoModelForCausalLM.from_config(FAMILY_CONFIGS[name]())
+    """A random model of ``FAMILY_CONFIGS[name]`` (or ``MORE_CONFIGS``) in eval mode. ``scale``
+    multiplies the matrices (peakier logits: greedy decoding then has no near-ties)."""
+    table = FAMILY_CONFIGS if name in FAMILY_CONFIGS else MORE_CONFIGS
+    torch.manual_seed(sorted(table).index(name))
+    model = transformers.AutoModelForCausalLM.from_config(table[name]())
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(scale if p.ndim > 1 else 1.0).add_(torch.randn_like(p) * 0.1)

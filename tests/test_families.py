@@ -99,8 +99,8 @@ def test_configs_no_family_holds_are_clear_errors():
 
 
 def test_unknown_model_type_lists_the_supported_ones():
-    with pytest.raises(ValueError, match=r"model_type 'mistral' is not supported.*gpt2.*llama.*"):
-        gptfn.from_hf({}, {"model_type": "mistral"})
+    with pytest.raises(ValueError, match=r"model_type 'mamba' is not supported.*gpt2.*llama.*"):
+        gptfn.from_hf({}, {"model_type": "mamba"})
 
 
 def test_leftover_weights_are_reported():

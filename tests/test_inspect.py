@@ -209,12 +209,15 @@ def test_hutchinson_trace_within_four_standard_errors(tiny_problem):
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 WHEN = {
-    "always": lambda c: True,
-    "position=learned": lambda c: c.position == "learned",
-    "position=rotary": lambda c: c.position == "rotary",
-    "qk_norm": lambda c: c.qk_norm,
-    "sequential residual": lambda c: not c.parallel_residual,
-    "gated mlp": lambda c: c.mlp in ("swiglu", "geglu"),
+    "always": lambda c, i: True,
+    "position=learned": lambda c, i: c.position == "learned",
+    "rotary layer": lambda c, i: c.rotates(i),
+    "qk_norm per head": lambda c, i: c.qk_norm and c.qk_norm_span == "head",
+    "qk_norm over the projection": lambda c, i: c.qk_norm and c.qk_norm_span == "projection",
+    "sequential residual": lambda c, i: not c.parallel_residual,
+    "gated mlp": lambda c, i: c.mlp in ("swiglu", "geglu"),
+    "pre-norm": lambda c, i: c.norm_position != "post",
+    "post-norm": lambda c, i: c.norm_position != "pre",
 }
 NAME_VARIANTS = {
     "gpt2": {},
@@ -222,7 +225,15 @@ NAME_VARIANTS = {
     "qk_norm": {"qk_norm": True, "position": "none"},
     "neox": {"position": "rotary", "rotary_fraction": 1 / 3, "parallel_residual": True},
     "geglu": {"mlp": "geglu", "bias": False},
-}
+    "olmo2": {
+        "position": "rotary", "norm": "rmsnorm", "norm_position": "post", "qk_norm": True,
+        "qk_norm_span": "projection", "n_kv_head": 2,
+    },
+    "gemma": {
+        "position": "rotary", "norm": "rmsnorm_plus1", "norm_position": "sandwich",
+        "rope_layers": "NR", "sliding_window": 2, "window_pattern": "LG", "attn_softcap": 5.0,
+    },
+}  # fmt: skip
 
 
 def documented_names() -> list[tuple[str, str, str]]:
@@ -249,14 +260,15 @@ def test_docs_table_lists_exactly_the_names_and_shapes_the_code_produces(variant
     options = NAME_VARIANTS[variant]
     cfg = gptfn.GPTConfig(11, 8, 2, 4, 20, d_head=6, d_mlp=7, **options)
     dims["kv_head"] = cfg.n_kv_head
+    dims["q_width"], dims["kv_width"] = cfg.n_head * cfg.d_head, cfg.n_kv_head * cfg.d_head
     params = gptfn.init(cfg)
     _, cache = run_with_cache(params, random_tokens(11, 2, 3))
     produced = {name: tuple(x.shape) for name, x in cache.items()}
     documented = {}
     for name, shape, when in documented_names():
         assert when in WHEN, f"unknown condition {when!r} for {name} in docs/models.md"
-        if WHEN[when](cfg):
-            for i in range(cfg.n_layer) if "{i}" in name else [None]:
+        for i in range(cfg.n_layer) if "{i}" in name else [None]:
+            if WHEN[when](cfg, i):
                 key = name.replace("{i}", str(i))
                 documented[key] = tuple(dims[d] for d in shape.strip("[]").split())
     assert sorted(produced) == sorted(documented)

@@ -11,6 +11,7 @@ import torch
 
 from gptfn.cli import build_parser, main
 from gptfn.model import GPTConfig
+from gptfn.model.config import RopeScaling
 from gptfn.train import OptimizerConfig, OptionError, TrainConfig
 from gptfn.train.options import load_toml
 
@@ -104,7 +105,9 @@ def test_every_flag_is_a_toml_key(tmp_path):
     defaults = TrainConfig().flat() | {"data": "somewhere", "resume": "auto"}
     unset = {"norm_bias": True, "mlp_bias": False, "qkv_bias": True, "n_kv_head": 2,
              "d_head": 32, "d_mlp": 64, "logit_softcap": 30.0, "init_from": "a/model",
-             "rope_scaling": [8.0, 1.0, 4.0, 128]}  # fmt: skip
+             "rope_scaling": [8.0, 1.0, 4.0, 128], "sliding_window": 16, "window_pattern": "LG",
+             "rope_local_theta": 100.0, "rope_layers": "RN", "attn_scale": 0.2,
+             "attn_softcap": 50.0}  # fmt: skip
     assert {k for k, v in defaults.items() if v is None} == set(unset)
     defaults |= unset  # TOML has no None: leaving a key out leaves the option unset
     flags = [
@@ -120,7 +123,7 @@ def test_every_flag_is_a_toml_key(tmp_path):
     cfg = TrainConfig.from_dict(load_toml(path), source=str(path))
     assert cfg.data.data == "somewhere" and cfg.run.resume is True
     assert cfg.model.gpt_config(10).n_kv_head == 2 and cfg.model.logit_softcap == 30.0
-    assert cfg.model.gpt_config(10).rope_scaling == (8.0, 1.0, 4.0, 128)
+    assert cfg.model.gpt_config(10).rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 128)
 
 
 def test_every_gptconfig_field_but_the_vocabulary_is_a_model_option_with_its_metadata():
@@ -146,7 +149,9 @@ def test_every_gptconfig_field_but_the_vocabulary_is_a_model_option_with_its_met
 
 def test_tuple_options_parse_from_flags_and_are_checked():
     args = _train_parser().parse_args(["--rope-scaling", "8,1,4,8192", "--position", "rotary"])
-    assert args.rope_scaling == (8.0, 1.0, 4.0, 8192)
+    assert args.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+    args = _train_parser().parse_args(["--rope-scaling", "linear,8", "--position", "rotary"])
+    assert args.rope_scaling == RopeScaling("linear", 8.0)
     with pytest.raises(SystemExit):
         _train_parser().parse_args(["--rope-scaling", "8,1"])
     with pytest.raises(OptionError, match=r"rope_scaling: .* needs position='rotary'"):

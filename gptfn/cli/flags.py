@@ -48,6 +48,8 @@ def number(
 
 def _parse(kind: Any, text: str) -> Any:
     """``text`` as a value of ``kind``; a fixed tuple is its items separated by commas."""
+    if hasattr(kind, "from_value"):  # read by its own class (``GPTConfig.rope_scaling``)
+        return text
     if typing.get_origin(kind) is tuple:
         items = typing.get_args(kind)
         parts = text.split(",")

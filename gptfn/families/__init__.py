@@ -1,7 +1,8 @@
 """Hugging Face model families, both ways: a config mapping and a weight converter each.
 
-Each family module (``gpt2``, ``llama``, ``qwen2``, ``neox``) has ``MAPS`` (the ``GPTConfig``
-fields its config.json carries), ``config_from_hf`` (a config.json dict -> ``GPTConfig``),
+Each family module (``gpt2``, ``llama``, ``qwen2``, ``neox``, ``mistral``, ``qwen3`` ...) has
+``MAPS`` (the ``GPTConfig`` fields its config.json carries), ``config_from_hf`` (a config.json
+dict -> ``GPTConfig``),
 ``config_to_hf`` (the reverse, or a ``ValueError`` naming a mapped value it cannot hold),
 ``from_hf`` (state dict -> gptfn tree) and ``to_hf`` (tree -> state dict that loads with
 ``strict=True``). What no family has to do: refuse the fields it does not map
@@ -15,7 +16,19 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from gptfn.families import gpt2, llama, neox, qwen2
+from gptfn.families import (
+    gemma2,
+    gemma3,
+    gpt2,
+    llama,
+    mistral,
+    neox,
+    olmo2,
+    phi3,
+    qwen2,
+    qwen3,
+    smollm3,
+)
 from gptfn.families.common import TrackedTree, refuse_unmapped
 from gptfn.families.gpt2 import from_hf_gpt2
 from gptfn.model import GPTConfig, check_params
@@ -28,6 +41,14 @@ FAMILIES: dict[str, ModuleType] = {
     llama.MODEL_TYPE: llama,
     qwen2.MODEL_TYPE: qwen2,
     neox.MODEL_TYPE: neox,
+    mistral.MODEL_TYPE: mistral,
+    qwen3.MODEL_TYPE: qwen3,
+    olmo2.MODEL_TYPE: olmo2,
+    smollm3.MODEL_TYPE: smollm3,
+    phi3.MODEL_TYPE: phi3,
+    gemma2.MODEL_TYPE: gemma2,
+    gemma3.MODEL_TYPE: gemma3,
+    "gemma3": gemma3,  # multimodal folders: the text model is read, and written as gemma3_text
 }
 """model_type (as in config.json) -> family module."""
 
@@ -79,7 +100,7 @@ def _family_for(cfg: GPTConfig, model_type: str | None) -> tuple[ModuleType, dic
         fam = family(model_type)
         return fam, _config_to_hf(fam, cfg)
     reasons = []
-    for fam in FAMILIES.values():
+    for fam in dict.fromkeys(FAMILIES.values()):
         try:
             return fam, _config_to_hf(fam, cfg)
         except ValueError as err:

@@ -9,16 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from einops import rearrange
-
 from gptfn.families.common import (
-    Reader,
     activation,
+    decoder_from_hf,
+    decoder_to_hf,
     first,
-    heads_in,
-    heads_out,
-    norm_in,
-    norm_out,
     require,
     rope_from_hf,
     rope_to_hf,
@@ -38,13 +33,21 @@ ARCHITECTURE = "LlamaForCausalLM"
 ACTIVATIONS = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
 
 
-def config_from_hf(hf: dict[str, Any], family: str = "Llama") -> GPTConfig:
-    """GPTConfig from a Llama config.json."""
+REQUIRED = {
+    "position": "rotary", "rotary_fraction": 1.0, "norm": "rmsnorm", "norm_bias": False,
+    "mlp": ("swiglu", "geglu"),
+}  # fmt: skip
+"""What every Llama-shaped family needs of a config."""
+
+
+def fields_from_hf(hf: dict[str, Any], family: str = "Llama") -> dict[str, Any]:
+    """The GPTConfig fields of a Llama-shaped config.json (families derived from Llama
+    change a few)."""
     n_head = hf["num_attention_heads"]
     bias = bool(hf.get("attention_bias", False))
     rope = rope_from_hf(hf, family)
     rope["rotary_fraction"] = 1.0  # Llama rotates every dim of each head
-    return GPTConfig(
+    return dict(
         vocab_size=hf["vocab_size"],
         block_size=hf.get("max_position_embeddings", 2048),
         n_layer=hf["num_hidden_layers"],
@@ -58,29 +61,31 @@ def config_from_hf(hf: dict[str, Any], family: str = "Llama") -> GPTConfig:
         norm="rmsnorm",
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         norm_bias=False,
-        mlp=activation(hf.get("hidden_act", "silu"), ACTIVATIONS, family),
+        mlp=activation(first(hf, "hidden_act", "hidden_activation", default="silu"),
+                       ACTIVATIONS, family),
         bias=bias,
         qkv_bias=bias,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    )
+    )  # fmt: skip
+
+
+def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
+    """GPTConfig from a Llama config.json."""
+    return GPTConfig(**fields_from_hf(hf))
 
 
 def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
     """A Llama config.json for ``cfg`` (ValueError if Llama cannot express it)."""
-    require(
-        cfg, NAME,
-        {"position": "rotary", "rotary_fraction": 1.0, "norm": "rmsnorm", "norm_bias": False,
-         "mlp": ("swiglu", "geglu"), "qkv_bias": cfg.bias},
-    )  # fmt: skip
+    require(cfg, NAME, {**REQUIRED, "qkv_bias": cfg.bias})
     return {
-        "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **_common_to_hf(cfg),
+        "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **common_to_hf(cfg),
         "attention_bias": cfg.bias, "mlp_bias": cfg.mlp_bias,
     }  # fmt: skip
 
 
-def _common_to_hf(cfg: GPTConfig) -> dict[str, Any]:
-    """The config.json keys Llama and Qwen2 share."""
+def common_to_hf(cfg: GPTConfig) -> dict[str, Any]:
+    """The config.json keys the Llama-shaped families share."""
     return {
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size,
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
@@ -92,68 +97,10 @@ def _common_to_hf(cfg: GPTConfig) -> dict[str, Any]:
 
 
 def from_hf(state_dict: dict[str, Tensor], cfg: GPTConfig, family: str = "Llama") -> Params:
-    """A gptfn tree from a ``LlamaForCausalLM`` (or Qwen2) state dict."""
-    sd = Reader(state_dict, family)
-    h, g = cfg.n_head, cfg.n_kv_head
-    blocks = []
-    for i in range(cfg.n_layer):
-        pre = f"model.layers.{i}"
-        attn = {
-            f"w_{n}": heads_in(sd.take(f"{pre}.self_attn.{n}_proj.weight"), h if n == "q" else g)
-            for n in "qkv"
-        }
-        attn["w_o"] = rearrange(sd.take(f"{pre}.self_attn.o_proj.weight"), "d (h k) -> h k d", h=h)
-        if cfg.qkv_bias:
-            for n in "qkv":
-                attn[f"b_{n}"] = sd.take(f"{pre}.self_attn.{n}_proj.bias").unflatten(
-                    0, (-1, cfg.d_head)
-                )
-        if cfg.bias:
-            attn["b_o"] = sd.take(f"{pre}.self_attn.o_proj.bias")
-        mlp = {
-            "w_gate": sd.take(f"{pre}.mlp.gate_proj.weight").T,
-            "w_in": sd.take(f"{pre}.mlp.up_proj.weight").T,
-            "w_out": sd.take(f"{pre}.mlp.down_proj.weight").T,
-        }
-        if cfg.mlp_bias:
-            mlp |= {
-                "b_gate": sd.take(f"{pre}.mlp.gate_proj.bias"),
-                "b_in": sd.take(f"{pre}.mlp.up_proj.bias"),
-                "b_out": sd.take(f"{pre}.mlp.down_proj.bias"),
-            }
-        blocks.append(
-            {"ln_1": norm_in(sd, f"{pre}.input_layernorm", False), "attn": attn,
-             "ln_2": norm_in(sd, f"{pre}.post_attention_layernorm", False), "mlp": mlp}
-        )  # fmt: skip
-    params: Params = {
-        "wte": sd.take("model.embed_tokens.weight"), "blocks": blocks,
-        "ln_f": norm_in(sd, "model.norm", False), "config": cfg,
-    }  # fmt: skip
-    if not cfg.tie_embeddings:
-        params["unembed"] = sd.take("lm_head.weight")
-    sd.finish(ignore=["lm_head.weight"])
-    return params
+    """A gptfn tree from a ``LlamaForCausalLM`` (or Qwen2, Mistral, Qwen3) state dict."""
+    return decoder_from_hf(state_dict, cfg, family)
 
 
 def to_hf(params: Params, cfg: GPTConfig) -> dict[str, Tensor]:
-    """A ``LlamaForCausalLM`` (or Qwen2) state dict (loads with ``strict=True``)."""
-    sd: dict[str, Tensor] = {"model.embed_tokens.weight": params["wte"]}
-    for i, block in enumerate(params["blocks"]):
-        pre = f"model.layers.{i}"
-        attn, mlp = block["attn"], block["mlp"]
-        for n in "qkv":
-            sd[f"{pre}.self_attn.{n}_proj.weight"] = heads_out(attn[f"w_{n}"])
-            if f"b_{n}" in attn:
-                sd[f"{pre}.self_attn.{n}_proj.bias"] = attn[f"b_{n}"].flatten()
-        sd[f"{pre}.self_attn.o_proj.weight"] = attn["w_o"].flatten(0, 1).T
-        if "b_o" in attn:
-            sd[f"{pre}.self_attn.o_proj.bias"] = attn["b_o"]
-        for ours, theirs in (("gate", "gate"), ("in", "up"), ("out", "down")):
-            sd[f"{pre}.mlp.{theirs}_proj.weight"] = mlp[f"w_{ours}"].T
-            if f"b_{ours}" in mlp:
-                sd[f"{pre}.mlp.{theirs}_proj.bias"] = mlp[f"b_{ours}"]
-        sd |= norm_out(block["ln_1"], f"{pre}.input_layernorm")
-        sd |= norm_out(block["ln_2"], f"{pre}.post_attention_layernorm")
-    sd |= norm_out(params["ln_f"], "model.norm")
-    sd["lm_head.weight"] = params.get("unembed", params["wte"])
-    return sd
+    """A ``LlamaForCausalLM`` (or Qwen2, Mistral, Qwen3) state dict (loads with ``strict``)."""
+    return decoder_to_hf(params, cfg)

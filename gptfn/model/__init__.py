@@ -16,10 +16,11 @@ T = block_size); optional leaves appear only when the config asks for them::
 
     config (GPTConfig)   wte [V, d]   wpe [T, d] (learned positions)   unembed [V, d] (untied)
     ln_f.{scale, bias} [d]
-    blocks.{i}.ln_1 / ln_2.{scale, bias} [d]                    (bias: norm_bias)
+    blocks.{i}.ln_1 / ln_2.{scale, bias} [d]                    (bias: norm_bias; not post)
+    blocks.{i}.ln_attn_out / ln_mlp_out.{scale, bias} [d]       (norm_position post, sandwich)
     blocks.{i}.attn.w_q [d, h, k]   w_k, w_v [d, g, k]   w_o [h, k, d]
     blocks.{i}.attn.b_q [h, k]   b_k, b_v [g, k] (qkv_bias)   b_o [d] (bias)
-    blocks.{i}.attn.q_norm / k_norm.{scale, bias} [k]           (qk_norm)
+    blocks.{i}.attn.q_norm / k_norm.{scale, bias} [k]           (qk_norm; [hk], [gk] projection)
     blocks.{i}.mlp.w_in [d, f]   w_gate [d, f] (swiglu, geglu)   w_out [f, d]
     blocks.{i}.mlp.b_in, b_gate [f]   b_out [d]                 (mlp_bias)
 

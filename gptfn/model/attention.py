@@ -68,10 +68,7 @@ def self_attention(
         q, k, v = attention_qkv(p, x)
     q, k, v = ctx.tap("q", q), ctx.tap("k", k), ctx.tap("v", v)
     if ctx.cfg.qk_norm:
-        q, k = (
-            norm(p["q_norm"], q, ctx.scoped("q_norm.")),
-            norm(p["k_norm"], k, ctx.scoped("k_norm.")),
-        )
+        q, k = _qk_norm(p, q, ctx, "q"), _qk_norm(p, k, ctx, "k")
     if ctx.rope is not None:
         q, k = (
             ctx.tap("rot_q", apply_rotary(q, *ctx.rope)),
@@ -80,13 +77,27 @@ def self_attention(
     if ctx.cache is not None:  # attend over as many slots as the mask covers
         width = None if ctx.mask is None else ctx.mask.shape[-1]
         k, v = update_cache(ctx.cache, k, v, ctx.slots, width)  # type: ignore[arg-type]
-    z = ctx.tap("z", attend(q, k, v, impl=ctx.attention, mask=ctx.mask, ctx=ctx))
+    cfg = ctx.cfg
+    z = attend(
+        q, k, v, impl=ctx.attention, mask=ctx.mask, ctx=ctx, scale=cfg.attn_scale,
+        softcap=cfg.attn_softcap,
+    )  # fmt: skip
+    z = ctx.tap("z", z)
     if ctx.wants("result"):
         result = ctx.tap("result", torch.einsum("bshk,hkd->bshd", z, p["w_o"]))
         out = result.sum(-2) if "b_o" not in p else result.sum(-2) + p["b_o"]
     else:
         out = attention_out(p, z)
     return ctx.tap("out", out)
+
+
+def _qk_norm(p: Params, x: Tensor, ctx: Context, n: str) -> Tensor:
+    """QK-norm of queries or keys ``x`` [b s h k] (``n``: "q" or "k"): over each head, or over
+    the whole projection (``qk_norm_span="projection"``, OLMo-2) before it splits into heads."""
+    name = f"{n}_norm"
+    if ctx.cfg.qk_norm_span == "head":
+        return norm(p[name], x, ctx.scoped(name + "."))
+    return norm(p[name], x.flatten(-2), ctx.scoped(name + ".")).unflatten(-1, x.shape[-2:])
 
 
 def attend(
@@ -97,8 +108,12 @@ def attend(
     impl: AttentionImpl = "fast",
     mask: Tensor | None = None,
     ctx: Context | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Float[Tensor, "batch q_seq head d_head"]:
-    """Softmax attention scaled by 1/sqrt(d_head), per head: ``z`` before the output projection.
+    """Softmax attention scaled by ``scale`` (default 1/sqrt(d_head)), per head: ``z`` before
+    the output projection. With ``softcap`` the scores are ``cap * tanh(scores / cap)`` before
+    the mask (Gemma 2), on the reference path (the fused kernel has no soft-cap).
 
     Keys and values may have fewer heads than queries (grouped-query attention): query head i
     reads key/value head i // (head / kv_head), as in Hugging Face's ``repeat_kv``.
@@ -114,19 +129,21 @@ def attend(
     """
     q, k, v = (rearrange(t, "b s h k -> b h s k") for t in (q, k, v))
     wants_pattern = ctx is not None and (ctx.wants("scores") or ctx.wants("pattern"))
-    if impl == "reference" or (impl == "fast" and wants_pattern):
-        z = _reference_attention(q, k, v, mask, ctx)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if impl == "reference" or (impl == "fast" and (wants_pattern or softcap is not None)):
+        z = _reference_attention(q, k, v, mask, ctx, scale, softcap)
     elif impl == "fast" and q.shape[-2] == 1 and mask is not None and _compiling_one_query(mask):
-        z = _one_query_attention(q, k, v, mask)
+        z = _one_query_attention(q, k, v, mask, scale)
     elif impl == "fast":
-        z = _sdpa(q, k, v, mask)
+        z = _sdpa(q, k, v, mask, scale)
     else:
         raise ValueError(f"attention impl must be 'fast' or 'reference', got {impl!r}")
     return rearrange(z, "b h s k -> b s h k")
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     kwargs: dict[str, Any] = {"is_causal": True} if mask is None else {"attn_mask": mask}
+    kwargs["scale"] = scale
     if k.shape[1] != q.shape[1]:
         kwargs["enable_gqa"] = True
     if needs_math_sdpa():
@@ -144,7 +161,9 @@ def _compiling_one_query(mask: Tensor) -> bool:
     return mask.ndim == 4 and torch.compiler.is_compiling()
 
 
-def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def _one_query_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None
+) -> Tensor:
     """Attention of one query per row (a decode step) as matmul, softmax, matmul, which
     inductor fuses into the compiled step. Grouped-query heads share their key/value head
     without copying the cache; the softmax runs in float32 (as SDPA's math backend does for
@@ -152,7 +171,8 @@ def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tenso
     batch, heads, _, d_head = q.shape
     groups = k.shape[1]
     q = q.reshape(batch, groups, heads // groups, d_head)  # query heads of one kv head together
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d_head)  # [b g heads/g keys]
+    scale = 1 / math.sqrt(d_head) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b g heads/g keys]
     if mask.shape[1] != 1:  # a per-head mask [b heads 1 keys] follows the grouping
         mask = mask.reshape(mask.shape[0], groups, heads // groups, -1)
     scores = scores.float().masked_fill(~mask, float("-inf"))
@@ -161,12 +181,21 @@ def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tenso
 
 
 def _reference_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ctx: Context | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    ctx: Context | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     if k.shape[1] != q.shape[1]:
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("bhqk,bhsk->bhqs", q, k) / math.sqrt(q.shape[-1])
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bhqk,bhsk->bhqs", q, k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is None:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))

@@ -17,7 +17,9 @@ from gptfn.shapes import Params
 from gptfn.tree import register_static
 
 POSITIONS = ("learned", "rotary", "none")
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "rmsnorm_plus1")
+NORM_POSITIONS = ("pre", "post", "sandwich")
+QK_NORM_SPANS = ("head", "projection")
 MLPS = ("gelu_tanh", "gelu", "relu2", "swiglu", "geglu")
 GATED_MLPS = ("swiglu", "geglu")
 REQUIRED = dataclasses.MISSING
@@ -27,11 +29,102 @@ def _fraction(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be > 0 and <= 1"
 
 
-def _llama3_scaling_problem(value: tuple[float, float, float, int]) -> str | None:
-    factor, low, high, context = value
-    if factor <= 0 or low <= 0 or high <= low or context <= 0:
-        return "needs factor > 0, 0 < low_freq_factor < high_freq_factor, context > 0"
-    return None
+def _pattern(letters: str):
+    """A check: a non-empty string of ``letters`` (a per-layer pattern)."""
+
+    def problem(value: str) -> str | None:
+        if not value or set(value) - set(letters):
+            return f"must be a non-empty string of {' and '.join(letters)}"
+        return None
+
+    return problem
+
+
+ROPE_SCALINGS = ("llama3", "linear", "longrope")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A rotary frequency scaling (hashable, so configs stay hashable), Hugging Face's
+    ``rope_type``: ``llama3`` (Llama 3.1: ``factor``, ``low_freq_factor``,
+    ``high_freq_factor``, ``original_context``), ``linear`` (positions divided by ``factor``),
+    ``longrope`` (Phi-3: frequencies divided per dim by ``short_factor``, or by ``long_factor``
+    in a pass whose longest position passes ``original_context``; cos and sin times
+    ``attention_factor``).
+
+    Written as text (flag, TOML): ``llama3,8,1,4,8192``, ``linear,8``,
+    ``longrope,CONTEXT,ATTENTION_FACTOR,short...,long...`` (as many of each), or the four
+    numbers of ``llama3`` alone (as older gptfn wrote it, which checkpoints still hold)."""
+
+    kind: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 0
+    attention_factor: float = 1.0
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+
+    @classmethod
+    def from_value(cls, value: Any) -> RopeScaling:
+        """From its text, a list (four numbers: llama3; or a kind and numbers), a dict of its
+        fields (``to_dict`` of a config), or itself; ``TypeError`` if it is none of those."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            lists = {
+                k: tuple(map(float, value.get(k, ()))) for k in ("short_factor", "long_factor")
+            }
+            return cls(**{**value, **lists})
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, (list, tuple)) or not value:
+            raise TypeError(f"expected a rope scaling ({cls.__doc__.split(chr(10))[0][2:-2]})")
+        kind, *numbers = value if str(value[0]).strip() in ROPE_SCALINGS else ("llama3", *value)
+        if kind == "llama3" and isinstance(value[0], str) and value[0].strip().isalpha():
+            raise TypeError(
+                f"unknown rope scaling {value[0].strip()!r}; gptfn implements "
+                f"{', '.join(ROPE_SCALINGS)}"
+            )
+        try:
+            return cls._from_numbers(str(kind).strip(), [float(x) for x in numbers])
+        except ValueError as err:
+            raise TypeError(f"expected numbers after the kind: {err}") from None
+
+    @classmethod
+    def _from_numbers(cls, kind: str, x: list[float]) -> RopeScaling:
+        want = {"llama3": "4 numbers", "linear": "1 number", "longrope": "2 + an even count"}
+        sizes = {"llama3": len(x) == 4, "linear": len(x) == 1, "longrope": len(x) % 2 == 0}
+        if not sizes[kind] or (kind == "longrope" and len(x) < 4):
+            raise TypeError(f"{kind} scaling takes {want[kind]}, got {len(x)}: {x}")
+        if kind == "llama3":
+            return cls(kind, x[0], x[1], x[2], int(x[3]))
+        if kind == "linear":
+            return cls(kind, x[0])
+        half = (len(x) - 2) // 2
+        short, long = tuple(x[2 : 2 + half]), tuple(x[2 + half :])
+        return cls(kind, 1.0, original_context=int(x[0]), attention_factor=x[1],
+                   short_factor=short, long_factor=long)  # fmt: skip
+
+    def problem(self) -> str | None:
+        """What is wrong with these numbers, or None."""
+        if self.kind not in ROPE_SCALINGS:
+            return (
+                f"unknown rope scaling {self.kind!r}; gptfn implements {', '.join(ROPE_SCALINGS)}"
+            )
+        if self.kind == "llama3" and not (
+            self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor
+            and self.original_context > 0
+        ):  # fmt: skip
+            return "needs factor > 0, 0 < low_freq_factor < high_freq_factor, context > 0"
+        if self.kind == "linear" and self.factor <= 0:
+            return "needs factor > 0"
+        if self.kind == "longrope" and (
+            len(self.short_factor) != len(self.long_factor) or self.original_context <= 0
+            or min(self.short_factor + self.long_factor) <= 0
+        ):  # fmt: skip
+            return "needs as many short as long factors, all > 0, and a context > 0"
+        return None
 
 
 @dataclass(frozen=True)
@@ -65,13 +158,16 @@ class GPTConfig:
     rotary_fraction: float = option(
         1.0, "share (0, 1] of each head's dims that rotate (position rotary)", check=_fraction
     )
-    rope_scaling: tuple[float, float, float, int] | None = option(
+    rope_scaling: RopeScaling | None = option(  # noqa: RUF009 (option() is a dataclass field)
         None,
-        "Llama 3.1 rotary scaling, four numbers: factor, low_freq_factor, high_freq_factor, "
-        "original context (flag: comma-separated)",
-        check=_llama3_scaling_problem,
+        "rotary frequency scaling: llama3,FACTOR,LOW,HIGH,CONTEXT (or the 4 numbers), "
+        "linear,FACTOR, longrope,CONTEXT,ATTENTION_FACTOR,SHORT...,LONG...",
+        check=RopeScaling.problem,
     )
-    norm: str = option("layernorm", "normalisation", choices=NORMS)
+    norm: str = option(
+        "layernorm", "normalisation (rmsnorm_plus1: x * (1 + scale) in float32, Gemma)",
+        choices=NORMS,
+    )  # fmt: skip
     norm_eps: float = option(1e-5, "epsilon inside the norms", above=0)
     norm_bias: bool | None = option(None, "additive bias in the norms (default: as bias)")
     mlp: str = option("gelu_tanh", "MLP activation (swiglu, geglu: gated)", choices=MLPS)
@@ -82,6 +178,42 @@ class GPTConfig:
     logit_softcap: float | None = option(
         None, "soft-cap the logits: cap * tanh(logits / cap) (default: none)", above=0
     )
+    sliding_window: int | None = option(
+        None, "windowed layers attend to the latest N positions only, their own included "
+        "(default: the whole context)", low=1,
+    )  # fmt: skip
+    window_pattern: str | None = option(
+        None, "which layers the sliding window applies to: L (local, windowed) or G (global) per "
+        "layer, the string repeated over the layers (default: all; Gemma 2: LG)",
+        check=_pattern("LG"),
+    )  # fmt: skip
+    rope_local_theta: float | None = option(
+        None, "rotary base of the windowed layers, which then skip rope_scaling (default: "
+        "rope_theta; Gemma 3: 10000)", above=0,
+    )  # fmt: skip
+    rope_layers: str | None = option(
+        None, "which layers rotate: R (rotary) or N (no positions) per layer, the string "
+        "repeated over the layers (default: all; SmolLM3's no_rope_layers)", check=_pattern("RN"),
+    )  # fmt: skip
+    norm_position: str = option(
+        "pre", "where each branch's norm sits: pre (its input), post (its output, before the "
+        "residual add: OLMo-2), sandwich (both: Gemma 2/3)", choices=NORM_POSITIONS,
+    )  # fmt: skip
+    qk_norm_span: str = option(
+        "head", "what qk_norm normalises: each head, or the whole projection (n_head * d_head) "
+        "before heads split (OLMo-2)", choices=QK_NORM_SPANS,
+    )  # fmt: skip
+    embed_scale: bool = option(
+        False, "multiply the token embedding by sqrt(n_embd), rounded to the model dtype (Gemma)"
+    )
+    attn_scale: float | None = option(
+        None, "scale of the attention scores (default 1/sqrt(d_head); Gemma: "
+        "query_pre_attn_scalar ** -0.5)", above=0,
+    )  # fmt: skip
+    attn_softcap: float | None = option(
+        None, "soft-cap the attention scores: cap * tanh(scores / cap) (Gemma 2; default none)",
+        above=0,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         try:
@@ -125,6 +257,35 @@ class GPTConfig:
             raise OptionError(
                 "GPTConfig.rope_scaling", self.rope_scaling, "needs position='rotary'"
             )
+        scaling = self.rope_scaling
+        longrope = scaling is not None and scaling.kind == "longrope"
+        if longrope and len(scaling.short_factor) != self.rotary_dim // 2:
+            raise OptionError(
+                "GPTConfig.rope_scaling", scaling,
+                f"longrope needs rotary_dim / 2 = {self.rotary_dim // 2} factors of each kind",
+            )  # fmt: skip
+        needs = {
+            "window_pattern": ("a sliding_window", self.sliding_window is not None),
+            "rope_local_theta": (
+                "rotary positions and a sliding_window",
+                self.position == "rotary" and self.sliding_window is not None,
+            ),
+            "rope_layers": ("position='rotary'", self.position == "rotary"),
+            "qk_norm_span": ("qk_norm", self.qk_norm),
+        }
+        for name, (what, present) in needs.items():
+            if getattr(self, name) not in (None, "head") and not present:
+                raise OptionError(f"GPTConfig.{name}", getattr(self, name), f"needs {what}")
+
+    def windowed(self, layer: int) -> bool:
+        """Whether block ``layer`` attends through the sliding window."""
+        pattern = self.window_pattern or "L"
+        return self.sliding_window is not None and pattern[layer % len(pattern)] == "L"
+
+    def rotates(self, layer: int) -> bool:
+        """Whether block ``layer`` applies rotary positions."""
+        pattern = self.rope_layers or "R"
+        return self.position == "rotary" and pattern[layer % len(pattern)] == "R"
 
     @property
     def rotary_dim(self) -> int:
@@ -138,10 +299,7 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON); every field explicit."""
-        out = dataclasses.asdict(self)
-        if self.rope_scaling is not None:
-            out["rope_scaling"] = list(self.rope_scaling)
-        return out
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GPTConfig:

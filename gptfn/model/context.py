@@ -35,7 +35,9 @@ class Context(NamedTuple):
 
     cfg: GPTConfig
     rope: tuple[Tensor, Tensor] | None = None  # rotary cos, sin [(batch) seq rot/2]
+    rope_local: tuple[Tensor, Tensor] | None = None  # those of windowed layers (own base)
     mask: Tensor | None = None  # bool [batch 1 q k], True = may attend; None = causal
+    window_mask: Tensor | None = None  # the mask of sliding-window layers
     caches: list[dict[str, Tensor]] | None = None  # per-layer key/value buffers (generation)
     cache: dict[str, Tensor] | None = None  # this block's buffers
     slots: Tensor | None = None  # cache slots this step writes [seq]
@@ -46,9 +48,14 @@ class Context(NamedTuple):
     prefix: str = ""
 
     def at(self, layer: int) -> Context:
-        """The context of block ``layer``: its name prefix and its cache."""
+        """The context of block ``layer``: its name prefix, its cache, its mask (the sliding
+        window's on windowed layers) and its rotary tables (none where it does not rotate)."""
         cache = None if self.caches is None else self.caches[layer]
-        return self._replace(prefix=f"blocks.{layer}.", cache=cache)
+        mask, rope = self.mask, self.rope
+        if self.cfg.windowed(layer):
+            mask, rope = self.window_mask, self.rope_local or self.rope
+        rope = rope if self.cfg.rotates(layer) else None
+        return self._replace(prefix=f"blocks.{layer}.", cache=cache, mask=mask, rope=rope)
 
     def scoped(self, name: str) -> Context:
         """The same context with ``name`` appended to the prefix (``"attn."``, ``"ln_1."``)."""

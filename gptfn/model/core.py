@@ -32,7 +32,9 @@ def _spec(cfg: GPTConfig) -> dict[str, Any]:
     d, h, g, k, f = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.d_head, cfg.d_mlp
 
     def norm_spec(width: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"scale": ((width,), "ones")}
+        out: dict[str, Any] = {
+            "scale": ((width,), "zeros" if cfg.norm == "rmsnorm_plus1" else "ones")
+        }
         if cfg.norm_bias:
             out["bias"] = ((width,), "zeros")
         return out
@@ -49,14 +51,24 @@ def _spec(cfg: GPTConfig) -> dict[str, Any]:
         if cfg.bias:
             attn["b_o"] = ((d,), "zeros")
         if cfg.qk_norm:
-            attn |= {"q_norm": norm_spec(k), "k_norm": norm_spec(k)}
+            wide = cfg.qk_norm_span == "projection"
+            attn |= {
+                "q_norm": norm_spec(k * h if wide else k),
+                "k_norm": norm_spec(k * g if wide else k),
+            }
         mlp_p: dict[str, Any] = {"w_gate": ((d, f), "normal")} if cfg.gated else {}
         mlp_p |= {"w_in": ((d, f), "normal"), "w_out": ((f, d), "resid")}
         if cfg.mlp_bias:
             mlp_p |= {"b_in": ((f,), "zeros"), "b_out": ((d,), "zeros")}
             if cfg.gated:
                 mlp_p["b_gate"] = ((f,), "zeros")
-        return {"ln_1": norm_spec(d), "attn": attn, "ln_2": norm_spec(d), "mlp": mlp_p}
+        pre, post = cfg.norm_position != "post", cfg.norm_position != "pre"
+        return {
+            **({"ln_1": norm_spec(d)} if pre else {}), "attn": attn,
+            **({"ln_attn_out": norm_spec(d)} if post else {}),
+            **({"ln_2": norm_spec(d)} if pre else {}), "mlp": mlp_p,
+            **({"ln_mlp_out": norm_spec(d)} if post else {}),
+        }  # fmt: skip
 
     spec: dict[str, Any] = {"wte": ((cfg.vocab_size, d), "normal")}
     if cfg.position == "learned":
@@ -146,14 +158,26 @@ def block(
 
 
 def _attention(p: Params, x: Tensor, ctx: Context) -> Tensor:
-    """The attention branch: ``attn(ln_1 x)``."""
-    return self_attention(p["attn"], norm(p["ln_1"], x, ctx.scoped("ln_1.")), ctx.scoped("attn."))
+    """The attention branch: ``attn(ln_1 x)`` (norms as :func:`_branch` places them)."""
+    attend = functools.partial(self_attention, p["attn"], ctx=ctx.scoped("attn."))
+    return _branch(p, x, ctx, ("ln_1", "ln_attn_out"), attend)
 
 
 def _mlp(p: Params, x: Tensor, ctx: Context) -> Tensor:
     """The MLP branch: ``mlp(ln_2 x)``; its input is named ``mlp_in``."""
     x = ctx.tap("mlp_in", x)
-    return mlp(p["mlp"], norm(p["ln_2"], x, ctx.scoped("ln_2.")), ctx.scoped("mlp."))
+    return _branch(
+        p, x, ctx, ("ln_2", "ln_mlp_out"), functools.partial(mlp, p["mlp"], ctx=ctx.scoped("mlp."))
+    )
+
+
+def _branch(p: Params, x: Tensor, ctx: Context, norms: tuple[str, str], fn: Any) -> Tensor:
+    """``fn`` with the config's ``norm_position``: ``pre`` norms its input (``norms[0]``),
+    ``post`` its output (``norms[1]``, before the residual add), ``sandwich`` both."""
+    pre, post = norms
+    where = ctx.cfg.norm_position
+    h = fn(x if where == "post" else norm(p[pre], x, ctx.scoped(pre + ".")))
+    return h if where == "pre" else norm(p[post], h, ctx.scoped(post + "."))
 
 
 def unembed(
@@ -201,10 +225,32 @@ def check_tokens(params: Params, tokens: Tensor, name: str = "tokens", *, allow:
 
 
 def context(params: Params, positions: Tensor, **fields: Any) -> Context:
-    """The :class:`Context` of one pass over ``positions`` (rotary tables computed once)."""
+    """The :class:`Context` of one pass over ``positions`` (rotary tables and the sliding
+    window's mask computed once)."""
     cfg = GPTConfig.from_params(params)
     rope = rotary_tables(cfg, positions) if cfg.position == "rotary" else None
+    if cfg.rope_local_theta is not None:
+        fields["rope_local"] = rotary_tables(cfg, positions, cfg.rope_local_theta, scaled=False)
+    if cfg.sliding_window is not None:
+        fields["window_mask"] = window_mask(
+            cfg.sliding_window, positions, fields.get("mask"), fields.get("slots")
+        )
     return Context(cfg, rope=rope, **fields)
+
+
+def window_mask(
+    window: int, positions: Tensor, mask: Tensor | None, slots: Tensor | None
+) -> Tensor:
+    """The mask of a sliding-window layer: ``mask`` (None: causal over the positions), and
+    key j visible from query i only if ``j > i - window`` (Hugging Face's overlay). Queries are
+    at ``slots`` (None: 0..n-1) among the keys, as in a cache; masked, not rolled, so a cached
+    generation sees exactly what a full forward does."""
+    n, device = positions.shape[-1], positions.device
+    query = slots if slots is not None else torch.arange(n, device=device)
+    key = torch.arange(n if mask is None else mask.shape[-1], device=device)
+    near = key[None, :] > query[:, None] - window
+    base = key[None, :] <= query[:, None] if mask is None else mask
+    return (base & near).expand(1, 1, -1, -1) if mask is None else base & near
 
 
 def run_blocks(

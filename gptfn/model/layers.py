@@ -58,31 +58,50 @@ def embed(
     positions: Int[Tensor, "*#batch seq"],
     ctx: Context | None = None,
 ) -> Float[Tensor, "batch seq d_model"]:
-    """Token embedding (``embed``), plus the learned position embedding (``pos_embed``) when
-    the tree has one (``wpe``)."""
+    """Token embedding (``embed``; times sqrt(n_embd) with ``embed_scale``), plus the learned
+    position embedding (``pos_embed``) when the tree has one (``wpe``)."""
     ctx = Context(GPTConfig.from_params(params)) if ctx is None else ctx
-    x = ctx.tap("embed", F.embedding(tokens, params["wte"]))
+    x = F.embedding(tokens, params["wte"])
+    if ctx.cfg.embed_scale:  # sqrt(d) as float32, then the model's dtype, as Hugging Face
+        x = x * torch.tensor(x.shape[-1] ** 0.5).to(x.dtype)
+    x = ctx.tap("embed", x)
     if "wpe" in params:
         x = x + ctx.tap("pos_embed", F.embedding(positions, params["wpe"]).expand_as(x))
     return x
 
 
-def rotary_tables(cfg: GPTConfig, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """``cos, sin`` [*positions.shape, rotary_dim / 2] of the rotary angles.
+def rotary_tables(
+    cfg: GPTConfig, positions: Tensor, theta: float | None = None, scaled: bool = True
+) -> tuple[Tensor, Tensor]:
+    """``cos, sin`` [*positions.shape, rotary_dim / 2] of the rotary angles, at base ``theta``
+    (default ``cfg.rope_theta``), with ``cfg.rope_scaling`` unless ``scaled`` is False.
 
     Angles are computed in float32 whatever the model's dtype, as Hugging Face and the
     reference implementations do, so a float64 model reproduces them exactly (they are
-    constants: derivatives with respect to the parameters stay exact).
+    constants: derivatives with respect to the parameters stay exact). ``longrope`` picks its
+    long factors for a row whose longest position passes the original context (Hugging Face
+    decides per call; a row here is one of its calls), as a tensor ``where``: no graph break.
     """
-    rot = cfg.rotary_dim
-    inv_freq = 1.0 / (
-        cfg.rope_theta
-        ** (torch.arange(0, rot, 2, dtype=torch.int64, device=positions.device).float() / rot)
-    )
-    if cfg.rope_scaling is not None:
-        inv_freq = _llama3_scaling(inv_freq, *cfg.rope_scaling)
+    rot, theta = cfg.rotary_dim, cfg.rope_theta if theta is None else theta
+    device = positions.device
+    exponents = torch.arange(0, rot, 2, dtype=torch.int64, device=device).float() / rot
+    inv_freq, gain, scaling = 1.0 / (theta**exponents), 1.0, cfg.rope_scaling if scaled else None
+    if scaling is not None and scaling.kind == "llama3":
+        inv_freq = _llama3_scaling(
+            inv_freq, scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor,
+            scaling.original_context,
+        )  # fmt: skip
+    elif scaling is not None and scaling.kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling is not None:  # longrope
+        short, long = (
+            1.0 / (torch.tensor(f, dtype=torch.float32, device=device) * theta**exponents)
+            for f in (scaling.short_factor, scaling.long_factor)
+        )
+        longer = positions.amax(-1, keepdim=True)[..., None] + 1 > scaling.original_context
+        inv_freq, gain = torch.where(longer, long, short), scaling.attention_factor
     angles = positions[..., None].float() * inv_freq
-    return angles.cos(), angles.sin()
+    return angles.cos() * gain, angles.sin() * gain
 
 
 def _llama3_scaling(
@@ -129,8 +148,18 @@ def _rms_norm(p: Params, x: Tensor, eps: float) -> Tensor:
     return x if "bias" not in p else x + p["bias"]
 
 
+def _rms_norm_plus1(p: Params, x: Tensor, eps: float) -> Tensor:
+    """Gemma's RMSNorm: ``x / rms * (1 + scale)`` all in at least float32, then the input's
+    dtype."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(wide)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + p["scale"].to(wide))
+    return y.to(x.dtype) if "bias" not in p else y.to(x.dtype) + p["bias"]
+
+
 def norm(p: Params, x: Float[Tensor, "*batch d"], ctx: Context) -> Float[Tensor, "*batch d"]:
-    """The config's norm (LayerNorm or RMSNorm, with or without bias) over the last axis.
+    """The config's norm (LayerNorm, RMSNorm, or Gemma's RMSNorm with ``1 + scale``; with or
+    without bias) over the last axis.
 
     A hook that wants ``{prefix}rms`` or ``{prefix}normalized`` gets the norm taken apart:
     ``rms`` = sqrt(mean(x_c^2) + eps) [... 1] (x_c centred for LayerNorm, x for RMSNorm) and
@@ -140,10 +169,13 @@ def norm(p: Params, x: Float[Tensor, "*batch d"], ctx: Context) -> Float[Tensor,
     if ctx.wants("rms") or ctx.wants("normalized"):
         centred = x - x.mean(-1, keepdim=True) if cfg.norm == "layernorm" else x
         rms = ctx.tap("rms", (centred.pow(2).mean(-1, keepdim=True) + cfg.norm_eps).sqrt())
-        out = ctx.tap("normalized", centred / rms) * p["scale"]
+        scale = p["scale"] + 1 if cfg.norm == "rmsnorm_plus1" else p["scale"]
+        out = ctx.tap("normalized", centred / rms) * scale
         out = out if "bias" not in p else out + p["bias"]
     elif cfg.norm == "layernorm":
         out = F.layer_norm(x, x.shape[-1:], p["scale"], p.get("bias"), cfg.norm_eps)
+    elif cfg.norm == "rmsnorm_plus1":
+        out = _rms_norm_plus1(p, x, cfg.norm_eps)
     else:
         out = _rms_norm(p, x, cfg.norm_eps)
     return ctx.tap("out", out)
