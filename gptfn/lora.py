@@ -99,7 +99,8 @@ _FAMILIES: dict[str, tuple[str, dict[str, str], str | None, tuple[str, ...]]] = 
         ("lm_head", "embed_out"),
     ),
 }
-_FAMILIES["qwen2"] = _FAMILIES["llama"]
+for _name in ("qwen2", "mistral", "qwen3", "olmo2", "smollm3", "gemma2", "gemma3_text"):
+    _FAMILIES[_name] = _FAMILIES["llama"]  # Llama's module names (Phi-3's fused ones: not yet)
 
 
 @dataclass(frozen=True)

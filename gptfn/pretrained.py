@@ -111,7 +111,8 @@ def load_pretrained(
     Returns:
       The parameter tree; ``gptfn.forward(params, tokens)`` runs it.
 
-    Supported ``model_type``s: gpt2, llama, qwen2, gpt_neox (``gptfn.families.FAMILIES``).
+    Supported ``model_type``s: ``gptfn.families.FAMILIES`` (gpt2, llama, qwen2, gpt_neox,
+    mistral, qwen3, olmo2, smollm3, phi3, gemma2, gemma3_text and gemma3's text part).
     """
     folder = resolve_pretrained(
         path_or_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
@@ -223,7 +224,7 @@ def save_pretrained(
       params: the tree to write.
       path: the folder; it must not exist (or be empty) unless ``overwrite``.
       tokenizer: a gptfn tokenizer backed by a ``tokenizer.json`` (``bpe`` or ``hf`` kinds).
-      model_type: the family to write (default: the first of gpt2, llama, qwen2, gpt_neox
+      model_type: the family to write (default: the first of ``gptfn.families.FAMILIES``
         that can express the config).
       overwrite: replace an existing folder.
 

@@ -317,3 +317,53 @@ def test_eval_tasks_runs_the_harness_on_a_folder_and_a_run(llama, tmp_path, caps
     assert main(["eval", "--run", str(run), *args]) == 0
     written = list((run / "lm_eval").glob("gptfn_tiny-*.json"))
     assert len(written) == 1 and "gptfn_tiny_gen" in json.loads(written[0].read_text())["results"]
+
+
+def _char_tokenizer(folder: Path, text: str) -> None:
+    """A character-level ``tokenizer.json`` with a Llama-style leading ``<s>`` (fits vocab 61)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {"<s>": 0, "</s>": 1} | {c: i + 2 for i, c in enumerate(sorted(set(text)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+NEW_FAMILIES = ["mistral", "qwen3", "olmo2", "smollm3", "gemma2", "gemma3", "phi3_longrope"]
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_each_new_family_samples_evaluates_and_fine_tunes_from_a_folder(name, tmp_path, capsys):
+    from hf_models import hf_model
+
+    text = "the quick brown fox jumps over the lazy dog.\n" * 60
+    folder = tmp_path / name
+    model = hf_model(name, scale=3.0)
+    model.save_pretrained(folder)
+    _char_tokenizer(folder, text)
+    (tmp_path / "text.txt").write_text(text)
+    (tmp_path / "short.txt").write_text("the lazy dog jumps over the fox.")
+    sample = ["sample", "--model", str(folder), "--prompt", "the", "--temperature", "0",
+              "--max-new-tokens", "6"]  # fmt: skip
+    assert main(sample) == 0  # (greedy tokens equal HF's: tests/test_families_modern.py)
+    assert capsys.readouterr().out.startswith("the")
+    tok = load_pretrained_tokenizer(folder)
+    score = ["eval", "--model", str(folder), "--text", str(tmp_path / "short.txt"), "--json"]
+    assert main(score) == 0
+    ids = torch.tensor([[0, *tok.encode((tmp_path / "short.txt").read_text())]])
+    with torch.no_grad():
+        nll = float(model(ids, labels=ids).loss)
+    assert json.loads(capsys.readouterr().out)["mean_nll"] == pytest.approx(nll, rel=1e-4)
+    data = tmp_path / "data"
+    assert main(["prepare", "--input", str(tmp_path / "text.txt"), "--tokenizer", str(folder),
+                 "--out", str(data)]) == 0  # fmt: skip
+    tune = ["train", "--init-from", str(folder), "--data", str(data), "--out",
+            str(tmp_path / "r"), "--batch-size", "2", "--block-size", "16", "--eval-steps", "1",
+            "--max-steps", "2", "--warmup-steps", "1", "--no-progress", "--sample-tokens", "0",
+            "--lr", "1e-3"]  # fmt: skip
+    assert main(tune) == 0
+    assert load_run(tmp_path / "r")[0]["config"] == gf.load_pretrained(folder)["config"]

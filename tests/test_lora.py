@@ -287,6 +287,10 @@ CASES_TO_PEFT = {
     "llama all": ("llama_gqa", ALL, {"rslora": True}),
     "qwen2 fused qkv": ("qwen2", ("w_qkv", "w_gate"), {}),
     "neox q v and mlp": ("neox_pythia", ("w_q", "w_v", "w_in", "w_out", "unembed"), {}),
+    "mistral q v": ("mistral", ("w_q", "w_v", "w_gate"), {}),
+    "qwen3 all but unembed": ("qwen3", ("w_q", "w_k", "w_v", "w_o", "w_gate", "w_in", "w_out"), {}),
+    "gemma2 q v o": ("gemma2", ("w_q", "w_v", "w_o"), {}),
+    "olmo2 q k": ("olmo2", ("w_q", "w_k", "w_out"), {}),
 }
 
 
@@ -351,6 +355,8 @@ CASES_FROM_PEFT = {
         },
     ),
     "qwen2 q v": ("qwen2", {"target_modules": ["q_proj", "v_proj"], "r": 3}),
+    "gemma3 q v mlp": ("gemma3", {"target_modules": ["q_proj", "v_proj", "down_proj"], "r": 2}),
+    "smollm3 o": ("smollm3", {"target_modules": ["o_proj", "up_proj"], "r": 2}),
     "neox all": (
         "neox_pythia",
         {"target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]},

@@ -95,6 +95,8 @@ def print_samples(
 
 
 def export_args(p: argparse.ArgumentParser) -> None:
+    from gptfn.families import FAMILIES
+
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument(
         "--checkpoint",
@@ -119,7 +121,7 @@ def export_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--model-type",
-        choices=["gpt2", "llama", "qwen2", "gpt_neox"],
+        choices=sorted(FAMILIES),
         help="the Hugging Face family (default: the first that can express the model)",
     )
     p.add_argument(
