@@ -18,6 +18,7 @@ ranks by DTensor's rules; Muon gathers each matrix for Newton–Schulz).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from gptfn.distributed import (
 from gptfn.model import block, check_tokens, context, embed, unembed
 from gptfn.settings import OptionError
 from gptfn.train.options import TrainConfig
-from gptfn.train.step import DTYPES
+from gptfn.train.step import DTYPES, accumulate
 from gptfn.tree import Tree
 
 
@@ -129,20 +130,12 @@ def make_sharded_train_step(
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     autocast = dtype if dtype in (torch.bfloat16, torch.float16) else None
 
+    grad_fn = functools.partial(_grads, loss_kwargs, autocast)
+
     def step(params: Tree, opt_state: Tree, batch: tuple[Tensor, Tensor]):
-        tokens, targets = batch
-        scale = opt_state.get("loss_scale") if isinstance(opt_state, dict) else None
-        if autocast == torch.float16 and scale is None:
-            raise ValueError("float16 training needs tx wrapped in gptfn.optim.loss_scaling(tx)")
-        if tokens.shape[0] % accum_steps:
-            raise ValueError(
-                f"batch of {tokens.shape[0]} rows does not split into {accum_steps} micro-batches"
-            )
-        grads, total = None, torch.zeros(())
-        for x, y in zip(tokens.chunk(accum_steps), targets.chunk(accum_steps)):
-            g, value = _grads(loss_kwargs, autocast, params, x, y, scale)
-            grads = g if grads is None else optree.tree_map(torch.add, grads, g)
-            total = total + value
+        grads, loss_value, scale = accumulate(
+            grad_fn, params, opt_state, batch, accum_steps, autocast
+        )
         inv = 1.0 / (accum_steps * _ranks(params))
         grads = optree.tree_map(lambda g: g * (inv if scale is None else inv / scale), grads)
         grad_norm = optim.leaf_ops().norm(optree.tree_leaves(grads))
@@ -151,7 +144,7 @@ def make_sharded_train_step(
         # scalars computed from shards (a loss scale from the gradients' norm) come out as 0-d
         # DTensors: keep them plain, as shard() left them
         opt_state = optree.tree_map(_plain_scalar, opt_state)
-        metrics = {"loss": total / accum_steps, "grad_norm": _plain_scalar(grad_norm)}
+        metrics = {"loss": loss_value, "grad_norm": _plain_scalar(grad_norm)}
         return params, opt_state, metrics
 
     return step

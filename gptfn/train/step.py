@@ -55,6 +55,34 @@ def _grads_and_loss(
     return grads, value
 
 
+def accumulate(
+    grad_fn: Callable[..., tuple[Tree, Tensor]],
+    params: Tree,
+    opt_state: Tree,
+    batch: tuple[Tensor, Tensor],
+    accum_steps: int,
+    dtype: torch.dtype | None,
+) -> tuple[Tree, Tensor, Tensor | None]:
+    """The summed gradients of ``accum_steps`` equal micro-batches of ``batch`` (each from
+    ``grad_fn(params, tokens, targets, loss_scale)``), their mean loss, and the float16 loss
+    scale the optimizer state holds (None without one); the batch and dtype are checked first.
+    The one accumulation every train step (plain and sharded) runs."""
+    tokens, targets = batch
+    scale = opt_state.get("loss_scale") if isinstance(opt_state, dict) else None
+    if dtype == torch.float16 and scale is None:
+        raise ValueError("float16 training needs tx wrapped in gptfn.optim.loss_scaling(tx)")
+    if tokens.shape[0] % accum_steps:
+        raise ValueError(
+            f"batch of {tokens.shape[0]} rows does not split into {accum_steps} equal micro-batches"
+        )
+    grads, total = None, torch.zeros(())
+    for x, y in zip(tokens.chunk(accum_steps), targets.chunk(accum_steps)):
+        g, value = grad_fn(params, x, y, scale)
+        grads = g if grads is None else optree.tree_map(torch.add, grads, g)
+        total = total + value
+    return grads, total / accum_steps, scale
+
+
 def make_train_step(
     tx: optim.GradientTransformation,
     loss_fn: Callable[..., Tensor] = loss,
@@ -88,20 +116,9 @@ def make_train_step(
     grad_fn = functools.partial(_grads_and_loss, loss_fn, autocast_dtype, loss_kwargs)
 
     def step(params: Tree, opt_state: Tree, batch: tuple[Tensor, Tensor]):
-        tokens, targets = batch
-        scale = opt_state.get("loss_scale") if isinstance(opt_state, dict) else None
-        if autocast_dtype == torch.float16 and scale is None:
-            raise ValueError("float16 training needs tx wrapped in gptfn.optim.loss_scaling(tx)")
-        if tokens.shape[0] % accum_steps:
-            raise ValueError(
-                f"batch of {tokens.shape[0]} rows does not split into "
-                f"{accum_steps} equal micro-batches"
-            )
-        grads, total = None, torch.zeros(())
-        for x, y in zip(tokens.chunk(accum_steps), targets.chunk(accum_steps)):
-            g, value = grad_fn(params, x, y, scale)
-            grads = g if grads is None else optree.tree_map(torch.add, grads, g)
-            total = total + value
+        grads, loss_value, scale = accumulate(
+            grad_fn, params, opt_state, batch, accum_steps, autocast_dtype
+        )
         if accum_steps > 1 or scale is not None:
             inv = 1.0 / accum_steps if scale is None else 1.0 / (accum_steps * scale)
             grads = optree.tree_map(lambda g: g * inv, grads)
@@ -110,6 +127,6 @@ def make_train_step(
         grad_norm = optim.leaf_ops().norm(optree.tree_leaves(grads))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates)
-        return params, opt_state, {"loss": total / accum_steps, "grad_norm": grad_norm}
+        return params, opt_state, {"loss": loss_value, "grad_norm": grad_norm}
 
     return step
