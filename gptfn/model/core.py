@@ -261,16 +261,20 @@ def run_blocks(
     *,
     remat: bool = False,
     last_only: bool = False,
+    stop_at_layer: int | None = None,
 ) -> Tensor:
     """Embed, run every block, unembed: the body of ``forward`` and of cached generation.
     ``last_only`` unembeds the last position only (a prompt's prefill needs no other logits:
-    with a 128k vocabulary they cost more than the blocks)."""
+    with a 128k vocabulary they cost more than the blocks); ``stop_at_layer`` returns the
+    residual stream entering that block instead (no later block runs, no unembedding)."""
     x = ctx.drop(embed(params, tokens, positions, ctx))
-    for i, p in enumerate(params["blocks"]):
+    for i, p in enumerate(params["blocks"][:stop_at_layer]):
         if remat:  # recompute the block's activations in the backward pass
             x = checkpoint_block(functools.partial(block, ctx=ctx.at(i)))(p, x)
         else:
             x = block(p, x, ctx.at(i))
+    if stop_at_layer is not None:
+        return x
     return unembed(params, x[:, -1:] if last_only else x, ctx)
 
 
@@ -284,6 +288,7 @@ def forward(
     generator: torch.Generator | None = None,
     remat: bool = False,
     hook: Hook | None = None,
+    stop_at_layer: int | None = None,
 ) -> Float[Tensor, "batch seq vocab"]:
     """Logits for every position of ``tokens``; pure in ``params``.
 
@@ -297,6 +302,8 @@ def forward(
       remat: recompute each block's activations in the backward pass instead of storing them.
       hook: ``hook(name, activation)`` sees and may replace every named activation
         (``gptfn.research.interp``).
+      stop_at_layer: run only the blocks before this one and return the residual stream
+        entering it [batch, seq, d_model] instead of logits (TransformerLens's argument).
 
     Returns:
       Logits [batch, seq, vocab].
@@ -306,11 +313,14 @@ def forward(
         raise ValueError("remat replays dropout from the global RNG: pass generator=None")
     if remat and hook is not None:
         raise ValueError("remat does not combine with hooks (activation capture/patching)")
+    n_layer = len(params["blocks"])
+    if stop_at_layer is not None and not 0 <= stop_at_layer <= n_layer:
+        raise ValueError(f"stop_at_layer must be in [0, {n_layer}], got {stop_at_layer}")
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     ctx = context(
         params, positions, attention=attention, dropout=dropout, generator=generator, hook=hook
     )
-    return run_blocks(params, tokens, positions, ctx, remat=remat)
+    return run_blocks(params, tokens, positions, ctx, remat=remat, stop_at_layer=stop_at_layer)
 
 
 @checked

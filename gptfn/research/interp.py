@@ -21,16 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gptfn.model import (
-    GPTConfig,
-    block,
-    check_tokens,
-    context,
-    embed,
-    forward,
-    init,
-    unembed,
-)
+from gptfn.model import GPTConfig, forward, init, unembed
 from gptfn.shapes import Params
 from gptfn.tracing import is_compiling
 
@@ -134,10 +125,7 @@ def run_with_cache(
         return x
 
     hook = _Hook(wanted, keep)
-    if stop_at_layer is None:
-        out = forward(params, tokens, hook=hook, **forward_kwargs)
-    else:
-        out = _residual_before(params, tokens, stop_at_layer, hook, **forward_kwargs)
+    out = forward(params, tokens, hook=hook, stop_at_layer=stop_at_layer, **forward_kwargs)
     if exact is not None:
         _check_names(params, exact, cache, stop_at_layer)
     return out, cache
@@ -163,25 +151,6 @@ def _wanted(
         chosen |= set(names)
         return (lambda name: name in chosen), names
     return (lambda name: name in names), names
-
-
-def _residual_before(
-    params: Params, tokens: Tensor, layer: int, hook: _Hook, **forward_kwargs: Any
-) -> Tensor:
-    """The residual stream entering block ``layer`` (the blocks before it run; none after)."""
-    n_layer = len(params["blocks"])
-    if not 0 <= layer <= n_layer:
-        raise ValueError(f"stop_at_layer must be in [0, {n_layer}], got {layer}")
-    check_tokens(params, tokens)
-    positions = torch.arange(tokens.shape[1], device=tokens.device)
-    kwargs = {
-        k: forward_kwargs[k] for k in ("attention", "dropout", "generator") if k in forward_kwargs
-    }
-    ctx = context(params, positions, hook=hook, **kwargs)
-    x = ctx.drop(embed(params, tokens, positions, ctx))
-    for i, p in enumerate(params["blocks"][:layer]):
-        x = block(p, x, ctx.at(i))
-    return x
 
 
 def run_with_patches(
