@@ -35,7 +35,6 @@ import json
 import math
 import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ import torch
 from einops import rearrange
 
 from gptfn.families import hf_config
+from gptfn.files import atomic_write, atomic_write_text
 from gptfn.tree import register_static
 
 TARGETS = ("w_q", "w_k", "w_v", "w_qkv", "w_o", "w_gate", "w_in", "w_out", "unembed")
@@ -431,18 +431,6 @@ def _fuse_qkv(
     return a, b, scale
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(temp_path)`` to a temporary file in ``path``'s folder, then ``os.replace`` (the
-    writer creates it, so the file gets the usual permissions)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _peft_files(
     lora: LoRAConfig, modules: list[tuple[str, torch.Tensor, torch.Tensor, float]], mtype: str
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -498,11 +486,11 @@ def save_peft(
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(
+    atomic_write(
         out / "adapter_model.safetensors",
-        lambda tmp: safetensors.torch.save_file(tensors, tmp, {"format": "pt"}),
+        lambda tmp: safetensors.torch.save_file(tensors, str(tmp), {"format": "pt"}),
     )
-    _atomic_write(out / "adapter_config.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(out / "adapter_config.json", text)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
