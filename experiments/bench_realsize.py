@@ -95,13 +95,14 @@ def worker(part: str, folder: str, option: str) -> dict:
 
 
 def train_step(folder: str, lib: str) -> dict:
-    """One step at sequence 512, batch 1, bf16 autocast, activation checkpointing, AdamW."""
+    """One step at sequence 512, batch 1, bf16 autocast, activation checkpointing, AdamW
+    (gptfn's step donates its params and moments, updating them in place as torch.optim does)."""
     tokens = torch.randint(0, 1000, (1, 513), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
     if lib == "gptfn":
         params = gptfn.load_pretrained(folder, dtype=torch.float32)
         tx = gptfn.optim.adamw(1e-5)
-        step = gptfn.make_train_step(tx, dtype="bfloat16", remat=True)
+        step = gptfn.make_train_step(tx, dtype="bfloat16", remat=True, donate=True)
         state = tx.init(params)
         loaded = rss()
         times = []
@@ -140,39 +141,35 @@ def in_fresh_process(part: str, folder: Path, option: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def read_bandwidth(nbytes: int = 2**30) -> float:
-    """Bytes per second of streaming a tensor through once (a float32 sum), median of 5."""
-    big = torch.ones(nbytes // 4)
-    times = []
-    for _ in range(6):
-        t0 = time.perf_counter()
-        big.sum()
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times[1:])
+def stream_seconds(weights: list[torch.Tensor]) -> float:
+    """Seconds to read every weight once (a sum over each): the decode step's floor."""
+    t0 = time.perf_counter()
+    for w in weights:
+        w.sum()
+    return time.perf_counter() - t0
 
 
-def decode_rates(generate, prompt: list[int], new: int, repeats: int) -> tuple[float, float]:
-    """(prefill seconds, decode tokens/s) of ``generate(prompt, n)``: prefill = n=1's time."""
-    prefill, full = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate(prompt, 1)
-        t1 = time.perf_counter()
-        generate(prompt, new + 1)
-        t2 = time.perf_counter()
-        prefill.append(t1 - t0)
-        full.append(t2 - t1)
-    return statistics.median(prefill), new / (statistics.median(full) - statistics.median(prefill))
+def timed(generate, prompt: list[int], new: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds per token) of ``generate(prompt, n)``: prefill is
+    n=1's time, decoding the rest of n=new+1's."""
+    t0 = time.perf_counter()
+    generate(prompt, 1)
+    t1 = time.perf_counter()
+    generate(prompt, new + 1)
+    t2 = time.perf_counter()
+    return t1 - t0, (t2 - t1 - (t1 - t0)) / new
 
 
 def inference(folder: Path, prefill_len: int, new: int, repeats: int) -> None:
+    """Prefill and decode of HF and gptfn (eager, compiled) and the weight-streaming floor,
+    interleaved repeat by repeat (the machine's bandwidth varies minute to minute)."""
     import transformers
 
     torch.set_num_threads(2)
-    params = gptfn.load_pretrained(folder)  # stored bfloat16
+    params = gptfn.load_pretrained(folder)  # stored bfloat16, memory-mapped
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     prompt = torch.randint(0, 1000, (prefill_len,), generator=torch.Generator().manual_seed(0))
-    rows = [prompt.tolist()]
+    weights = gptfn.tree.leaves(params)
 
     def hf(p: list[int], n: int) -> None:
         with torch.no_grad():
@@ -182,26 +179,31 @@ def inference(folder: Path, prefill_len: int, new: int, repeats: int) -> None:
         return lambda p, n: gptfn.generate(params, [p], n, temperature=0, compile=compile)
 
     t0 = time.perf_counter()
-    ours(True)(rows[0], 2)  # compile both graphs once
+    ours(True)(prompt.tolist(), 2)  # compile the decode graph once
     compile_s = time.perf_counter() - t0
-    results = {}
-    for name, fn in (
-        ("HF generate", hf),
-        ("gptfn eager", ours(False)),
-        ("gptfn compiled", ours(True)),
-    ):
-        results[name] = decode_rates(fn, rows[0], new, repeats)
-    weight_bytes = sum(x.numel() * x.element_size() for x in gptfn.tree.leaves(params))
-    floor = weight_bytes / read_bandwidth()
+    paths = {"HF generate": hf, "gptfn eager": ours(False), "gptfn compiled": ours(True)}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    floors = []
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            times[name].append(timed(fn, prompt.tolist(), new))
+        floors.append(stream_seconds(weights))
+    floor = statistics.median(floors)
+    weight_bytes = sum(x.numel() * x.element_size() for x in weights)
     print(f"\n### inference, bfloat16, batch 1, prompt {prefill_len}, {new} new tokens, 2 threads")
-    print(f"weights {weight_bytes / 1e9:.2f} GB; read bandwidth floor {1 / floor:.2f} tokens/s; "
-          f"compile {compile_s:.0f} s\n")  # fmt: skip
-    print("| path | prefill tokens/s | decode tokens/s | decode / HF | decode / floor |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    hf_rate = results["HF generate"][1]
-    for name, (pre, rate) in results.items():
-        print(f"| {name} | {prefill_len / pre:.1f} | {rate:.2f} | {rate / hf_rate:.2f} | "
-              f"{rate * floor:.2f} |")  # fmt: skip
+    print(f"weights {weight_bytes / 1e9:.2f} GB; reading them once: {floor * 1e3:.0f} ms "
+          f"({weight_bytes / floor / 1e9:.0f} GB/s, the floor: {1 / floor:.1f} tokens/s); "
+          f"compile {compile_s:.0f} s; medians of {repeats} interleaved repeats\n")  # fmt: skip
+    print(
+        "| path | prefill tokens/s | prefill / HF | decode tokens/s | decode / HF | "
+        "decode step / floor |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+    )
+    hf_pre = statistics.median(t[0] for t in times["HF generate"])
+    hf_step = statistics.median(t[1] for t in times["HF generate"])
+    for name, pairs in times.items():
+        pre, step = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+        print(f"| {name} | {prefill_len / pre:.0f} | {hf_pre / pre:.2f} | {1 / step:.2f} | "
+              f"{hf_step / step:.2f} | {step / floor:.2f} |")  # fmt: skip
 
 
 def main() -> None:
@@ -210,7 +212,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--new", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

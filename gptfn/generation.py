@@ -75,14 +75,17 @@ def init_cache(params: Params, batch: int, max_len: int, pad: Tensor | None = No
 
 
 def extend(
-    params: Params, tokens: Tensor, cache: Cache, last_only: bool = False
+    params: Params, tokens: Tensor, cache: Cache, last_only: bool = False, fresh: bool = False
 ) -> tuple[Tensor, Cache]:
     """Run ``tokens`` [batch, n] after what the cache holds: logits [batch, n, vocab] (with
-    ``last_only`` [batch, 1, vocab], the last position's), new cache."""
+    ``last_only`` [batch, 1, vocab], the last position's), new cache. ``fresh`` promises an
+    empty cache (a prefill): attention then spans the n new slots only, compiled too."""
     start, n = cache["length"], tokens.shape[1]
     max_len = cache["layers"][0]["k"].shape[1]
     if not torch.compiler.is_compiling() and int(start) + n > max_len:
         raise ValueError(f"cache holds {max_len} tokens; {int(start)} used, {n} more do not fit")
+    if fresh and not torch.compiler.is_compiling() and int(start) != 0:
+        raise ValueError(f"extend(..., fresh=True) needs an empty cache; {int(start)} slots used")
     check_tokens(params, tokens)
     pad = cache["pad"]
     slots = start + torch.arange(n, device=tokens.device)
@@ -90,8 +93,8 @@ def extend(
     # mask [batch, 1, n, width]: a key is visible if it is not padding and not in the future
     # (unwritten slots are in the future); a padding query sees itself only, so no row is
     # fully masked (no NaN anywhere). Eager code attends over the slots written so far;
-    # a compiled step over the whole buffer (one shape for every step)
-    width = max_len if torch.compiler.is_compiling() else int(start) + n
+    # a compiled step over the whole buffer (one shape for every step); a prefill over its own
+    width = n if fresh else max_len if torch.compiler.is_compiling() else int(start) + n
     key = torch.arange(width, device=tokens.device)[None, None, :]
     query = slots[None, :, None]
     mask = (((key >= pad[:, None, None]) & (key <= query)) | (key == query))[:, None]
@@ -226,7 +229,7 @@ def _prefill_and_sample(
     params: Params, tokens: Tensor, cache: Cache, uniform: Tensor, *sampling: Any
 ) -> tuple[Tensor, Cache]:
     """Run a prompt [batch, n] into the cache and pick each row's next token."""
-    logits, cache = extend(params, tokens, cache, last_only=True)
+    logits, cache = extend(params, tokens, cache, last_only=True, fresh=True)
     return sample_from_uniform(logits[:, -1], uniform, *sampling), cache
 
 

@@ -20,6 +20,7 @@ from gptfn.cli import main
 from gptfn.data import prepare, shakespeare
 from gptfn.generation import sample_from_uniform
 from gptfn.model.attention import _one_query_attention, attend
+from gptfn.model.layers import _streams_better, linear
 from gptfn.train import train
 from gptfn.train.options import TrainConfig
 
@@ -98,6 +99,26 @@ def test_one_query_attention_equals_the_reference():
         mask = torch.rand(3, 1, 1, 10, generator=gen) > 0.3
         mask[..., 0] = True
         heads_first = (t.transpose(1, 2) for t in (q, k, v))  # the layout attend hands it
+        heads_first = list(heads_first)
         fast = _one_query_attention(*heads_first, mask).transpose(1, 2)
         reference = attend(q, k, v, mask=mask, impl="reference")
         torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-5)
+        compiled = torch.compile(_one_query_attention, fullgraph=True, dynamic=False)
+        fused = compiled(*heads_first, mask).transpose(1, 2)  # the summed-products form
+        torch.testing.assert_close(fused, reference, atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_one_row_linear_sums_products_as_f_linear_would():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 40, generator=gen).to(torch.bfloat16)  # [out, in]
+    x, bias = torch.randn(1, 1, 40, generator=gen), torch.randn(24, generator=gen)
+    x, bias = x.to(torch.bfloat16), bias.to(torch.bfloat16)
+    assert _streams_better(x, weight) and not _streams_better(x.expand(2, 1, 40), weight)
+    compiled = torch.compile(linear, fullgraph=True, dynamic=False)
+    for b in (None, bias):
+        want = torch.nn.functional.linear(
+            x.float(), weight.float(), None if b is None else b.float()
+        )
+        got = compiled(x, weight, b)
+        assert got.shape == (1, 1, 24) and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)

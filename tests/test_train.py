@@ -55,6 +55,32 @@ def test_gradient_accumulation_equals_one_big_batch(params, cfg):
         make_train_step(tx, accum_steps=3)(params, tx.init(params), (tokens, targets))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("make_tx", [lambda: optim.adamw(1e-2), lambda: optim.sgd(1e-2, 0.9)])
+def test_a_donated_step_updates_in_place_with_the_same_numbers(params, cfg, fused, make_tx):
+    tokens = random_tokens(cfg.vocab_size, 4, 16, 5)
+    tx, previous = make_tx(), optim.set_foreach(fused)
+    try:
+        copy = optree.tree_map(torch.clone, params)
+        want = make_train_step(tx)(params, tx.init(params), (tokens, tokens))
+        want = make_train_step(tx)(want[0], want[1], (tokens, tokens))
+        state = tx.init(copy)
+        got = make_train_step(tx, donate=True)(copy, state, (tokens, tokens))
+        got = make_train_step(tx, donate=True)(got[0], got[1], (tokens, tokens))
+    finally:
+        optim.set_foreach(previous)
+    assert _leaves_equal(want[0], got[0]) and _leaves_equal(want[1], got[1])
+    assert not _leaves_equal(params, copy)  # the donated params were spent ...
+    pointers = [(a.data_ptr(), b.data_ptr()) for a, b in zip(_leaves(copy), _leaves(got[0]))]
+    assert all(a == b for a, b in pointers)  # ... updated where they lay
+    moments = {x.data_ptr() for x in _leaves(state) if x.ndim > 0}
+    assert moments <= {x.data_ptr() for x in _leaves(got[1])}  # the moments too
+
+
+def _leaves(tree) -> list[torch.Tensor]:
+    return optree.tree_leaves(tree)
+
+
 def test_remat_gives_the_same_gradients(params, cfg):
     tokens = random_tokens(cfg.vocab_size, 4, 16, 3)
 
@@ -85,6 +111,10 @@ def test_float16_loss_scaling_skips_nonfinite_steps(params, cfg):
     assert all(float(u.abs().max()) == 0 for u in optree.tree_leaves(updates))
     assert float(new_state["loss_scale"]) == 2.0**9
     assert _leaves_equal(new_state["inner"], state["inner"])
+    kept = optree.tree_map(torch.clone, state["inner"])
+    with optim.donated():  # donating does not let the skipped step touch the moments
+        _, new_state = tx.update(bad, state, optree.tree_map(torch.clone, params))
+    assert _leaves_equal(new_state["inner"], kept) and _leaves_equal(state["inner"], kept)
     step = make_train_step(tx, dtype="float16")
     batch = (random_tokens(cfg.vocab_size, 4, 16, 4), random_tokens(cfg.vocab_size, 4, 16, 5))
     new_params, _, metrics = step(params, state, batch)

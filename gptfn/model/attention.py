@@ -119,9 +119,10 @@ def attend(
     reads key/value head i // (head / kv_head), as in Hugging Face's ``repeat_kv``.
     With ``mask=None`` it is causal, query i seeing keys 0..i (queries and keys of one length).
     Otherwise ``mask`` is boolean, broadcastable to [batch head q_seq k_seq], True = may attend.
-    ``impl="fast"`` calls ``F.scaled_dot_product_attention``, or, under ``torch.compile``, for
-    one query with a mask (a decode step) a plain matmul-softmax-matmul that inductor fuses
-    (see ``_one_query_attention``); ``"reference"`` spells the same function out with an
+    ``impl="fast"`` calls ``F.scaled_dot_product_attention``, or, for one query with a mask (a
+    decode step) where it is faster (compiled, or large and in half precision), scores,
+    softmax and weighted sum spelled out (see ``_one_query_path``); ``"reference"`` spells the
+    same function out with an
     explicit mask. Under nested torch.func transforms (grad of grad, jvp, vmap) the fast path
     runs SDPA's math backend (``gptfn.tracing.needs_math_sdpa``). The hook of ``ctx`` sees
     ``{prefix}scores`` and ``{prefix}pattern`` on the reference path; a hook that wants either
@@ -132,7 +133,7 @@ def attend(
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     if impl == "reference" or (impl == "fast" and (wants_pattern or softcap is not None)):
         z = _reference_attention(q, k, v, mask, ctx, scale, softcap)
-    elif impl == "fast" and q.shape[-2] == 1 and mask is not None and _compiling_one_query(mask):
+    elif impl == "fast" and q.shape[-2] == 1 and mask is not None and _one_query_path(q, k, mask):
         z = _one_query_attention(q, k, v, mask, scale)
     elif impl == "fast":
         z = _sdpa(q, k, v, mask, scale)
@@ -152,31 +153,43 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) ->
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def _compiling_one_query(mask: Tensor) -> bool:
-    """Whether a one-query step takes :func:`_one_query_attention`: under compile only.
-    Measured on a 2-core CPU (torch 2.13, one thread, CPU time): eager, the fused SDPA kernel
-    is faster for one query (20 vs 53 us at 4 heads x 256 keys); inside a compiled decode step
-    the explicit form was faster (4x128 model, 256 slots: 1.19 vs 1.31 ms per step at batch
-    1, 2.96 vs 4.29 ms at batch 8)."""
-    return mask.ndim == 4 and torch.compiler.is_compiling()
+def _one_query_path(q: Tensor, k: Tensor, mask: Tensor) -> bool:
+    """Whether a one-query step (decoding) takes :func:`_one_query_attention` rather than
+    SDPA: always under compile (inside a compiled decode step the explicit form was faster:
+    4x128 model, 256 slots, 1.19 vs 1.31 ms per step at batch 1); eager, for half precision
+    with heads x keys >= 2048, where SDPA's CPU kernel is slow for one query. Measured eager on
+    this 2-core CPU (torch 2.13, bfloat16, 2 threads): 32 heads over 8 kv heads, 1,024 keys:
+    1,747 us SDPA, 400 us explicit; 4 heads x 256 keys: 31 vs 69 us, so small stays SDPA."""
+    if mask.ndim != 4:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    return half and q.shape[1] * k.shape[-2] >= 2048
 
 
 def _one_query_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None
 ) -> Tensor:
-    """Attention of one query per row (a decode step) as matmul, softmax, matmul, which
-    inductor fuses into the compiled step. Grouped-query heads share their key/value head
-    without copying the cache; the softmax runs in float32 (as SDPA's math backend does for
-    half precision)."""
+    """Attention of one query per row (a decode step) as scores, softmax, weighted sum.
+    Grouped-query heads share their key/value head without copying the cache; the softmax runs
+    in float32 (as SDPA's math backend does for half precision). Compiled, the products are
+    summed in float32, which inductor fuses into one pass over the cache (a matmul would first
+    copy the cache's [keys, head] layout to [head, keys]); eager, two matmuls."""
     batch, heads, _, d_head = q.shape
     groups = k.shape[1]
     q = q.reshape(batch, groups, heads // groups, d_head)  # query heads of one kv head together
     scale = 1 / math.sqrt(d_head) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b g heads/g keys]
     if mask.shape[1] != 1:  # a per-head mask [b heads 1 keys] follows the grouping
         mask = mask.reshape(mask.shape[0], groups, heads // groups, -1)
-    scores = scores.float().masked_fill(~mask, float("-inf"))
-    z = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+    if torch.compiler.is_compiling():
+        scores = (q[:, :, :, None].float() * k[:, :, None].float()).sum(-1) * scale
+        pattern = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # [b g h/g keys]
+        z = (pattern[..., None] * v[:, :, None].float()).sum(-2).to(v.dtype)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+        pattern = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        z = torch.matmul(pattern.to(v.dtype), v)
     return z.reshape(batch, heads, 1, d_head)
 
 

@@ -6,7 +6,14 @@ scaling); they see trees, never the model. The settings of a training run that p
 """
 
 from gptfn.optim.aliases import adamw, hidden_matrices, lion, matrices, muon, sgd
-from gptfn.optim.base import GradientTransformation, Schedule, apply_updates, leaf_ops, set_foreach
+from gptfn.optim.base import (
+    GradientTransformation,
+    Schedule,
+    apply_updates,
+    donated,
+    leaf_ops,
+    set_foreach,
+)
 from gptfn.optim.combine import chain, masked
 from gptfn.optim.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
 from gptfn.optim.loss_scaling import loss_scaling
@@ -46,6 +53,7 @@ __all__ = [
     "add_decayed_weights",
     "adamw",
     "apply_updates",
+    "donated",
     "chain",
     "clip_by_global_norm",
     "constant_schedule",

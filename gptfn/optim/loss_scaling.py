@@ -5,7 +5,7 @@ from __future__ import annotations
 import optree
 import torch
 
-from gptfn.optim.base import GradientTransformation
+from gptfn.optim.base import GradientTransformation, donated
 from gptfn.tree import Tree, global_norm
 
 
@@ -37,7 +37,8 @@ def loss_scaling(
     def update(grads: Tree, state: Tree, params: Tree | None = None) -> tuple[Tree, Tree]:
         finite = torch.isfinite(global_norm(grads))
         safe = optree.tree_map(lambda g: torch.where(finite, g, torch.zeros_like(g)), grads)
-        updates, inner = tx.update(safe, state["inner"], params)
+        with donated(False):  # the old inner state is kept on a non-finite step
+            updates, inner = tx.update(safe, state["inner"], params)
         keep = lambda new, old: torch.where(finite, new, old)  # noqa: E731
         updates = optree.tree_map(lambda u: keep(u, torch.zeros_like(u)), updates)
         inner = optree.tree_map(keep, inner, state["inner"])

@@ -54,7 +54,7 @@ def scale(step_size: Scalar) -> GradientTransformation:
     """Multiply updates by a constant."""
 
     def update(updates: Tree, state: Tree, params: Tree | None = None) -> tuple[Tree, Tree]:
-        return _map_leaves(lambda u: leaf_ops(step_size).scale(u, step_size), updates), state
+        return _map_leaves(lambda u: leaf_ops(step_size).scale_(u, step_size), updates), state
 
     return GradientTransformation(lambda params: {}, update)
 
@@ -65,7 +65,7 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
 
     def update(updates: Tree, state: Tree, params: Tree | None = None) -> tuple[Tree, Tree]:
         factor = schedule(state["count"])
-        scaled = _map_leaves(lambda u: leaf_ops(factor).scale(u, factor), updates)
+        scaled = _map_leaves(lambda u: leaf_ops(factor).scale_(u, factor), updates)
         return scaled, {"count": state["count"] + 1}
 
     return GradientTransformation(lambda params: {"count": _count()}, update)
@@ -108,9 +108,9 @@ def scale_by_adam(
         ops = leaf_ops(b1, b2, eps)
 
         def step(g: list[Tensor], mu: list[Tensor], nu: list[Tensor]):
-            mu = ops.lerp(mu, g, 1 - b1)
-            nu = ops.lerp_square(nu, g, 1 - b2)
-            return ops.adam_direction(mu, nu, c1, c2, eps), mu, nu
+            mu = ops.lerp_(mu, g, 1 - b1)  # in place only inside gptfn.optim.donated()
+            nu = ops.lerp_square_(nu, g, 1 - b2)
+            return ops.adam_direction_(g, mu, nu, c1, c2, eps), mu, nu
 
         out, mu, nu = _map_leaves(step, updates, state["mu"], state["nu"])
         return out, {"count": count, "mu": mu, "nu": nu}
@@ -127,7 +127,7 @@ def add_decayed_weights(weight_decay: Scalar = 0.0) -> GradientTransformation:
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
         ops = leaf_ops(weight_decay)
-        return _map_leaves(lambda u, p: ops.add(u, p, weight_decay), updates, params), state
+        return _map_leaves(lambda u, p: ops.add_(u, p, weight_decay), updates, params), state
 
     return GradientTransformation(lambda params: {}, update)
 
@@ -172,8 +172,7 @@ def trace(decay: Scalar, nesterov: bool = False) -> GradientTransformation:
         ops = leaf_ops(decay)
 
         def step(g: list[Tensor], m: list[Tensor]):
-            m = ops.add(g, m, decay)
-            return (ops.add(g, m, decay) if nesterov else m), m
+            return ops.trace_(g, m, decay, nesterov)
 
         out, m = _map_leaves(step, updates, state["momentum"])
         return out, {"momentum": m}

@@ -90,6 +90,7 @@ def make_train_step(
     accum_steps: int = 1,
     dtype: torch.dtype | str | None = None,
     reduce_grads: Callable[[Tree], Tree] | None = None,
+    donate: bool = False,
     **loss_kwargs: Any,
 ) -> Callable[[Tree, Tree, tuple[Tensor, Tensor]], tuple[Tree, Tree, dict[str, Tensor]]]:
     """A pure step ``(params, opt_state, (tokens, targets)) -> (params, opt_state, metrics)``.
@@ -102,6 +103,9 @@ def make_train_step(
       dtype: ``"bfloat16"`` or ``"float16"`` runs the loss under autocast (params stay float32).
       reduce_grads: maps the averaged gradients before the update (data parallelism passes
         ``gptfn.distributed.all_reduce_mean``).
+      donate: the step may overwrite the params and optimizer state it is given, as JAX's
+        donated arguments (see :func:`gptfn.optim.donated`): AdamW then holds one copy of the
+        params and moments instead of two at the update. Use only the returned trees.
       **loss_kwargs: passed to ``loss_fn`` (``dropout=``, ``remat=`` ...).
 
     Returns:
@@ -125,8 +129,9 @@ def make_train_step(
         if reduce_grads is not None:
             grads = reduce_grads(grads)
         grad_norm = optim.leaf_ops().norm(optree.tree_leaves(grads))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optim.apply_updates(params, updates)
+        with optim.donated() if donate else contextlib.nullcontext():
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optim.apply_updates(params, updates)
         return params, opt_state, {"loss": loss_value, "grad_norm": grad_norm}
 
     return step
