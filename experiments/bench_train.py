@@ -112,7 +112,7 @@ def bench(
         foreach=True,
     )
     tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3, 0.9, 0.99, weight_decay=0.1))
-    step = make_train_step(tx, dtype=dtype)
+    step = make_train_step(tx, dtype=dtype, donate=True)  # in place, as gptfn train runs it
     if compile:  # the whole gptfn step; the module's forward and backward (optimizer eager)
         step, model = torch.compile(step), torch.compile(model)
     state = tx.init(params)

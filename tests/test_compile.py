@@ -100,8 +100,11 @@ def test_step_with_each_optimizer_and_precision_is_one_graph(make_tx, dtype):
     params = gptfn.init(LLAMA if dtype == "bfloat16" else GPT2, seed=0)
     run = _forward_after(gptfn.make_train_step(tx, dtype=dtype))
     state = tx.init(params)
+    # eager steps take gradients through torch.autograd, compiled ones through torch.func.vjp:
+    # the same formulas, but bf16 rounding (then Newton-Schulz) moves logits by ~3e-5
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == "bfloat16" else {}
     assert_compile_matches_eager(
-        run, params, state, _batch(0), more_args=[(params, state, _batch(5))], **FAST
+        run, params, state, _batch(0), more_args=[(params, state, _batch(5))], **FAST, **tolerance
     )
 
 

@@ -56,7 +56,14 @@ def test_gradient_accumulation_equals_one_big_batch(params, cfg):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("make_tx", [lambda: optim.adamw(1e-2), lambda: optim.sgd(1e-2, 0.9)])
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: optim.adamw(1e-2),
+        lambda: optim.sgd(1e-2, 0.9),
+        lambda: train_options.make_optimizer(train_options.OptimizerConfig(grad_clip=1e-3), 10),
+    ],
+)
 def test_a_donated_step_updates_in_place_with_the_same_numbers(params, cfg, fused, make_tx):
     tokens = random_tokens(cfg.vocab_size, 4, 16, 5)
     tx, previous = make_tx(), optim.set_foreach(fused)

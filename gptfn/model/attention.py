@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import repeat
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptfn.model.context import AttentionImpl, Context
@@ -128,7 +128,7 @@ def attend(
     ``{prefix}scores`` and ``{prefix}pattern`` on the reference path; a hook that wants either
     selects the reference path.
     """
-    q, k, v = (rearrange(t, "b s h k -> b h s k") for t in (q, k, v))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b h s k]
     wants_pattern = ctx is not None and (ctx.wants("scores") or ctx.wants("pattern"))
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     if impl == "reference" or (impl == "fast" and (wants_pattern or softcap is not None)):
@@ -139,7 +139,7 @@ def attend(
         z = _sdpa(q, k, v, mask, scale)
     else:
         raise ValueError(f"attention impl must be 'fast' or 'reference', got {impl!r}")
-    return rearrange(z, "b h s k -> b s h k")
+    return z.transpose(1, 2)  # [b s h k]
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -224,5 +224,7 @@ def attention_out(
 ) -> Float[Tensor, "batch seq d_model"]:
     """Output projection: sum over heads of z_h @ w_o[h] (+ b_o)."""
     return dense(
-        rearrange(z, "b s h k -> b s (h k)"), rearrange(p["w_o"], "h k d -> (h k) d"), p.get("b_o")
+        z.flatten(2),
+        p["w_o"].flatten(0, 1),
+        p.get("b_o"),  # [b s (h k)] x [(h k) d]
     )

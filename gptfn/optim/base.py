@@ -226,8 +226,8 @@ class LeafOps:
         c2: Scalar,
         eps: Scalar,
     ) -> list[Tensor]:
-        """:meth:`adam_direction`, written into ``out`` (the spent gradients) when donated:
-        leaf by leaf, the same operations as the fused path, so the same numbers."""
+        """:meth:`adam_direction`, written into ``out`` (the spent gradients) when donated: the
+        same operations as the functional path, so the same numbers."""
         if not (self.in_place and mu):
             return self.adam_direction(mu, nu, c1, c2, eps)
         if not self.fused:
@@ -235,12 +235,13 @@ class LeafOps:
                 torch.div(v, self._like(c2, v), out=o)
                 torch.div(m / self._like(c1, m), o.sqrt_().add_(eps), out=o)
             return out
-        root_c2, c1, eps = math.sqrt(self._num(c2)), self._num(c1), self._num(eps)
-        for o, m, v in zip(out, mu, nu):
-            torch.sqrt(v, out=o)
-            o.div_(root_c2).add_(eps)
+        torch._foreach_copy_(out, nu)
+        torch._foreach_sqrt_(out)
+        torch._foreach_div_(out, math.sqrt(self._num(c2)))
+        torch._foreach_add_(out, self._num(eps))
+        for o, m in zip(out, mu):  # mu / denom into denom's buffer: no foreach op does that
             torch.div(m, o, out=o)
-            o.div_(c1)
+        torch._foreach_div_(out, self._num(c1))
         return out
 
     def adam_direction(
@@ -285,4 +286,6 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
     p_leaves, spec = optree.tree_flatten(params)
     u_leaves = spec.flatten_up_to(updates)
     u_leaves = [u.to(p.dtype) for p, u in zip(p_leaves, u_leaves)]
-    return optree.tree_unflatten(spec, leaf_ops().add_(p_leaves, u_leaves))
+    ops = leaf_ops()
+    new = ops.add_(p_leaves, u_leaves)
+    return params if ops.in_place and new is p_leaves else optree.tree_unflatten(spec, new)

@@ -28,12 +28,23 @@ def _zeros(params: Tree) -> Tree:
 
 
 def _map_leaves(fn: Any, tree: Tree, *rest: Tree) -> Tree:
-    """Flatten ``tree`` (and trees of the same structure), apply ``fn`` to leaf lists, unflatten."""
+    """Flatten ``tree`` (and trees of the same structure), apply ``fn`` to leaf lists, unflatten.
+    An output list holding exactly an input tree's leaves (updated in place, when donated)
+    returns that tree: rebuilding it cost ~40 us a time, ~0.5 ms of a small model's step."""
+    trees = (tree, *rest)
     leaves, spec = optree.tree_flatten(tree)
-    outs = fn(leaves, *[spec.flatten_up_to(r) for r in rest])
+    inputs = [leaves, *[spec.flatten_up_to(r) for r in rest]]
+
+    def build(out: list[Tensor]) -> Tree:
+        for given, original in zip(inputs, trees):
+            if len(out) == len(given) and all(a is b for a, b in zip(out, given)):
+                return original
+        return optree.tree_unflatten(spec, out)
+
+    outs = fn(*[list(x) for x in inputs])
     if isinstance(outs, tuple) and outs and isinstance(outs[0], (list, tuple)):  # several lists
-        return tuple(optree.tree_unflatten(spec, out) for out in outs)
-    return optree.tree_unflatten(spec, outs)
+        return tuple(build(out) for out in outs)
+    return build(outs)
 
 
 def identity() -> GradientTransformation:
@@ -145,6 +156,9 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
 
         def clip(u: list[Tensor]) -> list[Tensor]:
             coef = torch.clamp(max_norm / (ops.norm(u) + 1e-6), max=1.0)
+            if ops.fused and ops.in_place:  # donated: scale the spent updates where they lie
+                torch._foreach_mul_(u, coef)
+                return u
             return (
                 [x * coef.to(x.dtype) for x in u] if not ops.fused else torch._foreach_mul(u, coef)
             )

@@ -205,7 +205,8 @@ def _make_step(cfg: TrainConfig, env: DistEnv, tx: Any, loss_fn: Callable, mesh:
         make = functools.partial(make_sharded_train_step, tx)
     else:
         reduce = all_reduce_mean if env.world_size > 1 else None
-        make = functools.partial(make_train_step, tx, loss_fn, reduce_grads=reduce)
+        # donated: the loop keeps only the returned trees, so AdamW updates in place
+        make = functools.partial(make_train_step, tx, loss_fn, reduce_grads=reduce, donate=True)
     return make(
         accum_steps=cfg.data.grad_accum,
         dtype=cfg.run.dtype,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 import gptfn.optim as optim
 from gptfn.model import loss
+from gptfn.tracing import inside_transform, is_compiling
 from gptfn.tree import Tree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,9 +51,24 @@ def _grads_and_loss(
             value = loss_fn(p, tokens, targets, **loss_kwargs).float()
         return (value * scale if scale is not None else value), value
 
-    scaled, pullback, value = torch.func.vjp(objective, params, has_aux=True)
-    (grads,) = pullback(torch.ones_like(scaled))
-    return grads, value
+    if inside_transform() or is_compiling():
+        scaled, pullback, value = torch.func.vjp(objective, params, has_aux=True)
+        (grads,) = pullback(torch.ones_like(scaled))
+        return grads, value
+    return _autograd_grads(objective, params)
+
+
+def _autograd_grads(objective: Callable, params: Tree) -> tuple[Tree, Tensor]:
+    """What the vjp above computes, through ``torch.autograd`` on detached leaves: outside any
+    transform the two give the same numbers (the same derivative formulas), but every op under
+    ``torch.func.vjp`` pays functorch's wrapping; on nanoGPT's CPU recipe (4 x 128, batch 12 x
+    64) that was ~9 % of an eager step."""
+    leaves, spec = optree.tree_flatten(params)
+    inputs = [x.detach().requires_grad_() for x in leaves]
+    scaled, value = objective(optree.tree_unflatten(spec, inputs))
+    grads = torch.autograd.grad(scaled, inputs, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+    return optree.tree_unflatten(spec, grads), value.detach()
 
 
 def accumulate(
