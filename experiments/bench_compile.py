@@ -15,9 +15,12 @@ for a compiled runner, is its first compile). Tables:
    against gptfn's step on the same architecture.
 3. ``gptfn train --compile`` and ``gptfn eval --compile`` started twice in fresh processes on an
    empty compile cache: the first compile and the cached (second-run) one.
+4. ``--only coldstart``: the first call of each compiled nanoGPT-recipe runner, each in a fresh
+   process on an empty cache (within one process, a later runner reuses kernels compiled for
+   an earlier one).
 
     python experiments/bench_compile.py --nanogpt /tmp/nanoGPT [--steps 10] [--threads 2]
-        [--only default|large|nanogpt|cache|profile]
+        [--only default|large|nanogpt|cache|coldstart|profile]
 """
 
 from __future__ import annotations
@@ -58,9 +61,9 @@ def interleave(runners: dict[str, Callable[[], None]], steps: int) -> dict[str, 
 
 def gptfn_runner(cfg: gptfn.GPTConfig, batch: int, dtype: str, compile: bool | str) -> Callable:
     """One iteration of gptfn's training step (the CLI's default optimizer); ``compile=True``
-    compiles the whole step (``gptfn train --compile``), ``"loss"`` only the loss (its
-    backward compiled with it) under an eager in-place optimizer, as nanoGPT compiles its
-    model: ``make_train_step(tx, torch.compile(gptfn.loss, fullgraph=True))``."""
+    compiles the whole step, ``"loss"`` only the loss (its backward compiled with it) under an
+    eager in-place optimizer, as nanoGPT compiles its model and as ``gptfn train --compile``
+    does: ``make_train_step(tx, torch.compile(gptfn.loss, fullgraph=True), donate=True)``."""
     params = gptfn.init(cfg, seed=0)
     tx = make_optimizer(OptimizerConfig(), total_steps=1000)
     loss = gptfn.loss
@@ -157,8 +160,37 @@ def cached_starts(threads: int) -> None:
                 if out.returncode:
                     raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
                 t = compile_times(out.stdout + out.stderr)
-                step, ev = (t.get(k, float("nan")) for k in ("the train step", "the evaluation"))
+                step, ev = (
+                    t.get(k, float("nan"))
+                    for k in ("the train loss and its gradient", "the evaluation")
+                )
                 print(f"| {label} --compile | {attempt} | {wall:.1f} | {step:.1f} | {ev:.1f} |")
+
+
+def nanogpt_runners(nanogpt: Path) -> dict[str, Callable[[], Callable]]:
+    """Makers of the nanoGPT-recipe runners (built on demand: each compiles on first call)."""
+    cfg = gptfn.GPTConfig(65, 64, 4, 4, 128, bias=False, mlp="gelu")  # nanoGPT's exact GELU
+    model_py = nanogpt / "model.py"
+    return {
+        "nanoGPT eager": lambda: nanogpt_runner(model_py, False),
+        "nanoGPT compiled": lambda: nanogpt_runner(model_py, True),
+        "gptfn eager": lambda: gptfn_runner(cfg, 12, "float32", False),
+        "gptfn compiled": lambda: gptfn_runner(cfg, 12, "float32", True),
+        "gptfn loss compiled": lambda: gptfn_runner(cfg, 12, "float32", "loss"),
+    }
+
+
+def cold_starts(nanogpt: Path, threads: int) -> None:
+    """Each compiled runner's first call in a fresh process on an empty cache: no kernel that
+    another runner compiled earlier in the same process can be reused."""
+    print("\n| runner | first call, fresh process, empty cache (s) |\n|---|---:|")
+    for name in ("nanoGPT compiled", "gptfn compiled", "gptfn loss compiled"):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tmp)
+            cmd = [sys.executable, __file__, "--nanogpt", str(nanogpt), "--threads", str(threads)]
+            out = subprocess.run([*cmd, "--first-call", name], env=env, capture_output=True,
+                                 text=True, check=True)  # fmt: skip
+            print(f"| {name} | {float(out.stdout.strip().splitlines()[-1]):.1f} |")
 
 
 def main() -> None:
@@ -166,10 +198,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed iterations per runner")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (its model.py)")
-    parts = ["default", "large", "nanogpt", "cache", "profile"]
+    parts = ["default", "large", "nanogpt", "cache", "coldstart", "profile"]
     ap.add_argument("--only", choices=parts, action="append", help="(default: all but profile)")
+    ap.add_argument("--first-call", help=argparse.SUPPRESS)  # a worker of --only coldstart
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.first_call:
+        run = nanogpt_runners(args.nanogpt)[args.first_call]()
+        t0 = time.perf_counter()
+        run()
+        print(time.perf_counter() - t0)
+        return
     only = set(args.only or parts[:-1])
     print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} timed iterations")
     if "default" in only:
@@ -205,17 +244,8 @@ def main() -> None:
             ],
         )
     if "nanogpt" in only and args.nanogpt is not None:
-        cfg = gptfn.GPTConfig(65, 64, 4, 4, 128, bias=False, mlp="gelu")  # nanoGPT's exact GELU
-        res = interleave(
-            {
-                "nanoGPT eager": nanogpt_runner(args.nanogpt / "model.py", False),
-                "nanoGPT compiled": nanogpt_runner(args.nanogpt / "model.py", True),
-                "gptfn eager": gptfn_runner(cfg, 12, "float32", False),
-                "gptfn compiled": gptfn_runner(cfg, 12, "float32", True),
-                "gptfn loss compiled": gptfn_runner(cfg, 12, "float32", "loss"),
-            },
-            args.steps,
-        )
+        makers = nanogpt_runners(args.nanogpt)
+        res = interleave({name: make() for name, make in makers.items()}, args.steps)
         print_table(
             "### nanoGPT's CPU recipe: 4 x 128, block 64, batch 12, fp32",
             res,
@@ -234,6 +264,8 @@ def main() -> None:
         )
     if "cache" in only:
         cached_starts(args.threads)
+    if "coldstart" in only and args.nanogpt is not None:
+        cold_starts(args.nanogpt, args.threads)
     if "profile" in only:
         profile(gptfn.GPTConfig(65, 128, 4, 4, 128), 32, "float32", 3)
 

@@ -51,5 +51,9 @@ def checked(fn: _F) -> _F:
             return typed(*args, **kwargs)
         return fn(*args, **kwargs)
 
+    # a code object of its own: torch.compile caches graphs (and counts recompiles, 8 at most)
+    # per code object, and one shared by every checked function (forward, loss, ...) made a
+    # session compiling a few models hit that limit
+    wrapper.__code__ = wrapper.__code__.replace(co_name=fn.__name__)
     wrapper.__gptfn_checked__ = True  # type: ignore[attr-defined]  # found by tests/test_typing.py
     return wrapper  # type: ignore[return-value]

@@ -175,7 +175,8 @@ def test_assert_compile_matches_eager_catches_graph_breaks_and_recompiles():
 
 
 def test_train_and_eval_compile_equal_eager(tmp_path, capsys):
-    """``train --compile``: the step and the evaluation, one graph each; ``eval --compile``."""
+    """``train --compile``: the loss (with its backward) and the evaluation, one graph each;
+    ``eval --compile``."""
     from gptfn.checkpoint import load_run
     from gptfn.cli import main
     from gptfn.data import prepare, shakespeare
@@ -192,7 +193,8 @@ def test_train_and_eval_compile_equal_eager(tmp_path, capsys):
         out = str(tmp_path / f"compile-{compile}")
         runs[compile] = train(TrainConfig.from_dict({**common, "out": out, "compile": compile}))
     printed = capsys.readouterr().out
-    assert "compiled the train step in" in printed and "compiled the evaluation in" in printed
+    assert "compiled the train loss and its gradient in" in printed
+    assert "compiled the evaluation in" in printed
     assert runs[True]["best_val_loss"] == pytest.approx(runs[False]["best_val_loss"], abs=1e-4)
     assert runs[True]["last"]["train_loss"] == pytest.approx(
         runs[False]["last"]["train_loss"], abs=1e-4

@@ -34,3 +34,11 @@ def test_typing_docstring_names_the_checked_functions():
     assert {id(_resolve(p)) for p in documented} == {id(_resolve(p)) for p in _checked_functions()}
     assert len(documented) == len(_checked_functions())
     assert documented  # the claim is about something
+
+
+def test_each_checked_function_has_its_own_code_object():
+    """torch.compile keeps graphs, and its limit of 8 recompiles, per code object: a wrapper
+    code shared by forward, loss and the rest would make them use up one limit together."""
+    codes = [gptfn.forward.__code__, gptfn.loss.__code__, gptfn.run_with_cache.__code__]
+    assert len({id(c) for c in codes}) == len(codes)
+    assert [c.co_name for c in codes] == ["forward", "loss", "run_with_cache"]

@@ -207,7 +207,9 @@ class RunOptions:
         "float32", "autocast dtype (float16 on a CPU is ~20x slower)", choices=DTYPES
     )
     compile: bool = option(
-        False, "torch.compile the whole step (PyTorch 2.12 or newer)", check=_compile_works
+        False,
+        "torch.compile the loss with its backward (PyTorch 2.12 or newer)",
+        check=_compile_works,
     )
     remat: bool = option(False, "recompute activations in the backward: less memory, more time")
     backend: str = option(
