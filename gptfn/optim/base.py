@@ -62,8 +62,9 @@ _DONATED = False
 def donated(enabled: bool = True) -> Iterator[None]:
     """Inside, ``tx.update(grads, state, params)`` and ``apply_updates(params, updates)`` may
     overwrite what they are given, as ``torch.optim`` does: ``scale_by_adam`` updates its
-    moments in place and writes the direction into the gradients' buffers, the weight decay and
-    learning-rate scaling scale the updates in place, ``apply_updates`` adds into the params.
+    moments in place and writes the direction into the gradients' buffers, ``trace`` (SGD
+    momentum) likewise, clipping, weight decay and learning-rate scaling scale the updates in
+    place, ``apply_updates`` adds into the params.
     The step then needs no second copy of the params and the moments (for a 1.2 B model in
     float32, 15 GB less at its peak). Use the returned trees; the ones passed in are spent.
     Transforms without an in-place path stay functional, so the results are the same either
