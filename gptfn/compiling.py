@@ -30,24 +30,20 @@ def compile_cache_dir() -> Path:
     return Path(path)
 
 
-def jit(
-    fn: _F, name: str, report: Callable[[str], None] | None = print, fullgraph: bool = True
-) -> _F:
+def jit(fn: _F, name: str, report: Callable[[str], None] | None = print) -> _F:
     """``torch.compile(fn, fullgraph=True, dynamic=False)``; the first call reports its time.
 
     Args:
       fn: A pure function of tensors (and trees of them).
-      name: What ``fn`` is, for the report ("the train step").
-      report: Called once with a line such as "compiled the train step in 41.0 s (first
+      name: What ``fn`` is, for the report ("the evaluation").
+      report: Called once with a line such as "compiled the evaluation in 41.0 s (first
         call; cache ~/.cache/gptfn/torch-compile)"; None to stay quiet.
-      fullgraph: False lets dynamo split ``fn`` where it must (the loop's step under torchrun,
-        whose collectives are not tested as one graph).
 
     Returns:
       The compiled function.
     """
     cache = compile_cache_dir()
-    compiled = torch.compile(fn, fullgraph=fullgraph, dynamic=False)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
     first = True
 
     @functools.wraps(fn)
