@@ -156,9 +156,8 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
 
         def clip(u: list[Tensor]) -> list[Tensor]:
             coef = torch.clamp(max_norm / (ops.norm(u) + 1e-6), max=1.0)
-            if ops.fused and ops.in_place:  # donated: scale the spent updates where they lie
-                torch._foreach_mul_(u, coef)
-                return u
+            if ops.in_place:  # donated: scale the spent updates where they lie
+                return ops.scale_(u, coef)
             return (
                 [x * coef.to(x.dtype) for x in u] if not ops.fused else torch._foreach_mul(u, coef)
             )
