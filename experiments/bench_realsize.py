@@ -141,6 +141,20 @@ def in_fresh_process(part: str, folder: Path, option: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def fresh_table(
+    title: str, header: list[str], part: str, cases: list[tuple[str, Path]], cells
+) -> None:
+    """One markdown table: a row per ``(option, folder)`` case, each measured by ``part`` in a
+    fresh process, ``cells(result)`` its columns after the first (or the worker's error)."""
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("| --- |" + " ---: |" * (len(header) - 1))
+    for option, folder in cases:
+        r = in_fresh_process(part, folder, option)
+        row = [r["error"], *[""] * (len(header) - 2)] if "error" in r else cells(r)
+        print("| " + " | ".join([option, *row]) + " |")
+
+
 def stream_seconds(weights: list[torch.Tensor]) -> float:
     """Seconds to read every weight once (a sum over each): the decode step's floor."""
     t0 = time.perf_counter()
@@ -226,44 +240,32 @@ def main() -> None:
         print(f"folder: {args.layers} layers, {size:.2f} GB bfloat16")
         if "load" in parts:
             fp32 = make_folder(root, args.layers, "float32")
-            print(
-                "\n### load: peak memory / the loaded weights' bytes, seconds (fresh processes)\n"
-            )
-            print("| load | peak / weights | seconds |")
-            print("| --- | ---: | ---: |")
             cases = [("gptfn stored", bf16), ("transformers stored", bf16),
                      ("gptfn fp32->bf16", fp32), ("transformers fp32->bf16", fp32)]  # fmt: skip
-            for option, folder in cases:
-                r = in_fresh_process("load", folder, option)
-                if "error" in r:
-                    print(f"| {option} | {r['error']} | |")
-                    continue
-                print(f"| {option} | {r['peak'] / r['bytes']:.2f} | {r['seconds']:.1f} |")
+            fresh_table(
+                "load: peak memory / the loaded weights' bytes, seconds (fresh processes)",
+                ["load", "peak / weights", "seconds"], "load", cases,
+                lambda r: [f"{r['peak'] / r['bytes']:.2f}", f"{r['seconds']:.1f}"],
+            )  # fmt: skip
             shutil.rmtree(fp32)
         if "cache" in parts:
-            print("\n### run_with_cache, 1 x 128 tokens: peak memory above the loaded model\n")
-            print("| names | activations kept | cache MB | peak MB |")
-            print("| --- | ---: | ---: | ---: |")
-            for option in ("blocks.*.resid_post", "all"):
-                r = in_fresh_process("cache", bf16, option)
-                if "error" in r:
-                    print(f"| {option} | {r['error']} | | |")
-                    continue
-                print(f"| {option} | {r['names']} | {r['cache_bytes'] / 1e6:.0f} | "
-                      f"{r['peak'] / 1e6:.0f} |")  # fmt: skip
+            fresh_table(
+                "run_with_cache, 1 x 128 tokens: peak memory above the loaded model",
+                ["names", "activations kept", "cache MB", "peak MB"], "cache",
+                [("blocks.*.resid_post", bf16), ("all", bf16)],
+                lambda r: [str(r["names"]), f"{r['cache_bytes'] / 1e6:.0f}",
+                           f"{r['peak'] / 1e6:.0f}"],
+            )  # fmt: skip
         if "infer" in parts:
             inference(bf16, args.prefill, args.new, args.repeats)
         if "train" in parts:
-            print("\n### one training step: sequence 512, batch 1, bf16 autocast, remat, AdamW\n")
-            print("| library | step s (2nd) | first step s | peak GB | loss |")
-            print("| --- | ---: | ---: | ---: | ---: |")
-            for lib in ("gptfn", "transformers"):
-                r = in_fresh_process("train", bf16, lib)
-                if "error" in r:
-                    print(f"| {lib} | {r['error']} | | | |")
-                    continue
-                print(f"| {lib} | {r['seconds']:.1f} | {r['first']:.1f} | {r['peak'] / 1e9:.2f} | "
-                      f"{r['loss']:.3f} |")  # fmt: skip
+            fresh_table(
+                "one training step: sequence 512, batch 1, bf16 autocast, remat, AdamW",
+                ["library", "step s (2nd)", "first step s", "peak GB", "loss"], "train",
+                [("gptfn", bf16), ("transformers", bf16)],
+                lambda r: [f"{r['seconds']:.1f}", f"{r['first']:.1f}", f"{r['peak'] / 1e9:.2f}",
+                           f"{r['loss']:.3f}"],
+            )  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
