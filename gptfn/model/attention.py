@@ -223,8 +223,4 @@ def attention_out(
     p: Params, z: Float[Tensor, "batch seq head d_head"]
 ) -> Float[Tensor, "batch seq d_model"]:
     """Output projection: sum over heads of z_h @ w_o[h] (+ b_o)."""
-    return dense(
-        z.flatten(2),
-        p["w_o"].flatten(0, 1),
-        p.get("b_o"),  # [b s (h k)] x [(h k) d]
-    )
+    return dense(z, p["w_o"], p.get("b_o"), in_dims=2)  # [b s h k] x [h k d]

@@ -44,19 +44,28 @@ def _streams_better(x: Tensor, weight: Tensor) -> bool:
     return half and x.numel() == x.shape[-1] and weight.ndim == 2 and weight.stride(-1) == 1
 
 
-def dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """x @ w + b for w stored [in, out], as one fused addmm (``F.linear`` takes [out, in]; the
-    transpose is a view). Fusing matters under autocast: a separate ``+ b`` with a float32 bias
-    would promote the bfloat16 product back to float32."""
-    return linear(x, w.T, b)
+def dense(x: Tensor, w: Tensor, b: Tensor | None, in_dims: int = 1) -> Tensor:
+    """``x @ w + b`` for ``w`` stored [in..., out...]: x's last ``in_dims`` axes contract with
+    w's first ones ([b s d] x [d h k] -> [b s h k]; [b s h k] x [h k d] with ``in_dims=2``),
+    as one ``mm``/``addmm`` on 2-D views. The bias is fused: under autocast a separate ``+ b``
+    with a float32 bias would promote the bfloat16 product back to float32.
+
+    Written with torch views rather than ``F.linear`` on ``w.T`` (or einops): each view is an
+    autograd node, and on nanoGPT's 4 x 128 recipe the transposes, flattens and unflattens
+    around ~25 matmuls were ~50 extra nodes in the backward pass, ~1.5 % of it."""
+    rows_in = math.prod(w.shape[:in_dims])
+    w2 = w if w.ndim == 2 and in_dims == 1 else w.reshape(rows_in, -1)  # a view, as stored
+    if torch.compiler.is_compiling() and _streams_better(x, w2.T):  # see ``linear``
+        y = linear(x.reshape(-1, rows_in), w2.T, None if b is None else b.reshape(-1))
+    else:
+        rows = x.reshape(-1, rows_in)
+        y = rows @ w2 if b is None else torch.addmm(b.reshape(-1), rows, w2)
+    return y.view(*x.shape[: x.ndim - in_dims], *w.shape[in_dims:])
 
 
 def linear_heads(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """[b s d] x [d h k] (+ [h k]) -> [b s h k] as one matmul. (Views by torch methods, not
-    einops, here and in attention's hot path: a training step of nanoGPT's 4 x 128 recipe
-    makes ~50 such calls, and einops' per-call Python cost was ~1 % of it.)"""
-    y = dense(x, w.flatten(1), None if b is None else b.flatten())
-    return y.unflatten(-1, w.shape[1:])
+    """[b s d] x [d h k] (+ [h k]) -> [b s h k] as one matmul (see :func:`dense`)."""
+    return dense(x, w, b)
 
 
 # ----------------------------------------------------------------------------- embeddings
