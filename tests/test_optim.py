@@ -130,6 +130,47 @@ def test_fused_and_leafwise_paths_agree_and_inputs_are_not_mutated(make):
     )
 
 
+def _adam_by_passes(grads, mu, nu, count):
+    """Adam's moments and direction by the unfused foreach passes (fused kernel refused)."""
+    ops = optim.base.LeafOps(fused=True)
+    t = torch.tensor(float(count), dtype=torch.float64)
+    c1, c2 = 1 - 0.9**t, 1 - 0.95**t
+    mu, nu = ops.lerp(mu, grads, 0.1), ops.lerp_square(nu, grads, 0.05)
+    return ops.adam_direction(mu, nu, c1, c2, 1e-8), mu, nu
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("group_bytes", [2**26, 40])  # one group; a group per leaf or two
+def test_the_fused_adam_kernel_matches_the_foreach_passes(monkeypatch, donate, group_bytes):
+    monkeypatch.setattr(optim.base, "_GROUP_BYTES", group_bytes)
+    leaves = optree.tree_leaves(_random_tree(5))
+    grads = [g * 0.1 for g in leaves]
+    mu, nu = [torch.randn_like(g) * 0.01 for g in grads], [torch.rand_like(g) * 1e-3 for g in grads]
+    want_dir, want_mu, want_nu = _adam_by_passes(grads, mu, nu, 3)
+    g, m, v = ([x.clone() for x in xs] for xs in (grads, mu, nu))
+    with optim.donated(donate):
+        out = optim.leaf_ops().adam_fused(g, m, v, (0.9, 0.95, 1e-8), torch.tensor(3))
+    assert out is not None  # CPU float32: the kernel is taken
+    direction, new_mu, new_nu = out
+    for a, b in zip(direction + new_mu + new_nu, want_dir + want_mu + want_nu):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=0)  # a few float32 ulps
+    if donate:  # the moments in place, the direction in the gradients' buffers
+        assert all(a is b for a, b in zip(direction + new_mu + new_nu, g + m + v))
+    else:  # nothing passed in was touched
+        assert all(torch.equal(a, b) for a, b in zip(g + m + v, grads + mu + nu))
+
+
+def test_the_fused_adam_kernel_is_not_used_where_it_would_change_numbers():
+    bf16 = [torch.randn(3, 2).bfloat16()]
+    ops = optim.leaf_ops()
+    assert ops.adam_fused(bf16, bf16, bf16, (0.9, 0.95, 1e-8), torch.tensor(1)) is None
+    f32 = [torch.randn(3, 2)]
+    hyper = (torch.tensor(0.9), 0.95, 1e-8)  # a tensor hyper-parameter (it may need grad)
+    assert ops.adam_fused(f32, f32, f32, hyper, torch.tensor(1)) is None
+    unfused = optim.base.LeafOps(fused=False)
+    assert unfused.adam_fused(f32, f32, f32, (0.9, 0.95, 1e-8), torch.tensor(1)) is None
+
+
 def test_optimizer_runs_under_vmap_and_grad():
     params = _random_tree(3)
     tx = optim.adamw(1e-2)

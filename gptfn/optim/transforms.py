@@ -119,6 +119,9 @@ def scale_by_adam(
         ops = leaf_ops(b1, b2, eps)
 
         def step(g: list[Tensor], mu: list[Tensor], nu: list[Tensor]):
+            fused = ops.adam_fused(g, mu, nu, (b1, b2, eps), count)
+            if fused is not None:  # one pass per leaf (CPU, float32/64)
+                return fused
             mu = ops.lerp_(mu, g, 1 - b1)  # in place only inside gptfn.optim.donated()
             nu = ops.lerp_square_(nu, g, 1 - b2)
             return ops.adam_direction_(g, mu, nu, c1, c2, eps), mu, nu
