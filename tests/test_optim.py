@@ -171,6 +171,19 @@ def test_the_fused_adam_kernel_is_not_used_where_it_would_change_numbers():
     assert unfused.adam_fused(f32, f32, f32, (0.9, 0.95, 1e-8), torch.tensor(1)) is None
 
 
+def test_a_known_norm_is_used_only_for_the_same_unmodified_tensors():
+    from gptfn.optim.base import known_norm
+
+    grads = [torch.ones(2, 2), torch.ones(3)]
+    ops, fake = optim.leaf_ops(), torch.tensor(123.0)  # a wrong value shows where it was used
+    with known_norm(grads, fake):
+        assert ops.norm(grads) is fake
+        assert ops.norm([grads[0], torch.ones(3)]) != fake  # other tensors: computed
+        grads[1].mul_(2)  # modified in place since: computed again
+        torch.testing.assert_close(ops.norm(grads), torch.tensor(4.0))
+    assert ops.norm([torch.ones(2, 2), torch.ones(3)]) == torch.tensor(7.0).sqrt()
+
+
 def test_optimizer_runs_under_vmap_and_grad():
     params = _random_tree(3)
     tx = optim.adamw(1e-2)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 import gptfn.optim as optim
 from gptfn.model import loss
+from gptfn.optim.base import known_norm
 from gptfn.tracing import inside_transform, is_compiling
 from gptfn.tree import Tree
 
@@ -91,6 +92,9 @@ def accumulate(
         raise ValueError(
             f"batch of {tokens.shape[0]} rows does not split into {accum_steps} equal micro-batches"
         )
+    if accum_steps == 1:
+        grads, value = grad_fn(params, tokens, targets, scale)
+        return grads, value, scale
     grads, total = None, torch.zeros(())
     for x, y in zip(tokens.chunk(accum_steps), targets.chunk(accum_steps)):
         g, value = grad_fn(params, x, y, scale)
@@ -144,8 +148,10 @@ def make_train_step(
             grads = optree.tree_map(lambda g: g * inv, grads)
         if reduce_grads is not None:
             grads = reduce_grads(grads)
-        grad_norm = optim.leaf_ops().norm(optree.tree_leaves(grads))
-        with optim.donated() if donate else contextlib.nullcontext():
+        grad_leaves, ops = optree.tree_leaves(grads), optim.leaf_ops()
+        grad_norm = ops.norm(grad_leaves)
+        remember = known_norm(grad_leaves, grad_norm) if ops.fused else contextlib.nullcontext()
+        with remember, optim.donated() if donate else contextlib.nullcontext():
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optim.apply_updates(params, updates)
         return params, opt_state, {"loss": loss_value, "grad_norm": grad_norm}
