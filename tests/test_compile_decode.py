@@ -122,3 +122,18 @@ def test_compiled_one_row_linear_sums_products_as_f_linear_would():
         got = compiled(x, weight, b)
         assert got.shape == (1, 1, 24) and got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+
+
+def test_a_compiled_bfloat16_decode_step_calls_no_matrix_kernel():
+    """Every projection of a one-token step (w_o with its two input axes included) streams
+    its weight inside the fused kernel; a regression falls back to ``mm`` for one of them."""
+    cfg = gptfn.GPTConfig(64, 32, 1, 4, 32, n_kv_head=2, position="rotary", mlp="swiglu")
+    params = gptfn.init(cfg, seed=0, dtype=torch.bfloat16)
+
+    def mm_calls(new_tokens: int) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            gptfn.generate(params, [[1, 2, 3]], new_tokens, temperature=0, compile=True)
+        return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+    mm_calls(1)  # compile first
+    assert mm_calls(4) == mm_calls(1)  # three more decode steps, no more matrix kernels

@@ -55,10 +55,10 @@ def dense(x: Tensor, w: Tensor, b: Tensor | None, in_dims: int = 1) -> Tensor:
     around ~25 matmuls were ~50 extra nodes in the backward pass, ~1.5 % of it."""
     rows_in = math.prod(w.shape[:in_dims])
     w2 = w if w.ndim == 2 and in_dims == 1 else w.reshape(rows_in, -1)  # a view, as stored
-    if torch.compiler.is_compiling() and _streams_better(x, w2.T):  # see ``linear``
-        y = linear(x.reshape(-1, rows_in), w2.T, None if b is None else b.reshape(-1))
+    rows = x.reshape(-1, rows_in)
+    if torch.compiler.is_compiling() and _streams_better(rows, w2.T):  # see ``linear``
+        y = linear(rows, w2.T, None if b is None else b.reshape(-1))
     else:
-        rows = x.reshape(-1, rows_in)
         y = rows @ w2 if b is None else torch.addmm(b.reshape(-1), rows, w2)
     return y.view(*x.shape[: x.ndim - in_dims], *w.shape[in_dims:])
 
