@@ -137,7 +137,9 @@ def in_fresh_process(part: str, folder: Path, option: str) -> dict:
     command = [sys.executable, __file__, "--worker", part, str(folder), option]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1][:120]}
+        lines = out.stderr.strip().splitlines()
+        killed = f"killed by signal {-out.returncode} (out of memory?)"
+        return {"error": lines[-1][:120] if lines else killed}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -19,6 +19,7 @@ from gptfn.checkpoint import load_run
 from gptfn.cli import main
 from gptfn.data import prepare, shakespeare
 from gptfn.generation import sample_from_uniform
+from gptfn.model import gemv
 from gptfn.model.attention import _one_query_attention, attend
 from gptfn.model.layers import _streams_better, linear
 from gptfn.train import train
@@ -106,6 +107,38 @@ def test_one_query_attention_equals_the_reference():
         compiled = torch.compile(_one_query_attention, fullgraph=True, dynamic=False)
         fused = compiled(*heads_first, mask).transpose(1, 2)  # the summed-products form
         torch.testing.assert_close(fused, reference, atol=1e-6, rtol=1e-5)
+
+
+def _kernel_or_skip() -> None:
+    if not gemv.enable():
+        pytest.skip("no AVX512-BF16 CPU or no C++ build here: the decode kernel is not built")
+
+
+@pytest.mark.parametrize("shape", [(512, 2048), (7, 100), (13, 2053), (4, 64), (1, 1)])
+def test_the_bfloat16_decode_kernel_equals_a_float64_matrix_vector_product(shape):
+    _kernel_or_skip()
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=gen).to(torch.bfloat16)  # four-row blocks and tails
+    x = torch.randn(shape[1], generator=gen).to(torch.bfloat16)
+    got, want = gemv.gemv_bf16(w, x), w.double() @ x.double()
+    assert got.dtype == torch.float32 and got.shape == (shape[0],)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6 * want.abs().max().item())
+
+
+def test_a_compiled_bfloat16_decode_step_uses_the_kernel_and_agrees_with_eager():
+    _kernel_or_skip()
+    cfg = gptfn.GPTConfig(64, 32, 2, 4, 64, n_kv_head=2, position="rotary", mlp="swiglu")
+    params = gptfn.init(cfg, seed=0, dtype=torch.bfloat16)
+    decode = gptfn.generation.decode_layout(params)
+    cache = gptfn.generation.init_cache(decode, 1, 16)
+    _, cache = gptfn.generation.extend(decode, torch.tensor([[1, 2, 3]]), cache)
+    token = torch.tensor([[4]])
+    step = torch.compile(gptfn.generation.extend, fullgraph=True, dynamic=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        compiled, _ = step(decode, token, {k: v for k, v in cache.items()})
+    eager, _ = gptfn.generation.extend(decode, token, cache)
+    assert any(e.key == "gptfn::gemv_bf16" for e in prof.key_averages())
+    torch.testing.assert_close(compiled.float(), eager.float(), atol=0.05, rtol=0.02)
 
 
 def test_compiled_one_row_linear_sums_products_as_f_linear_would():

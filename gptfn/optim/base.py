@@ -19,6 +19,7 @@ arithmetic in that leaf's dtype: float32 params get float32 updates, float64 par
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
@@ -292,19 +293,20 @@ class LeafOps:
         if not self.in_place:
             mu, nu = list(torch._foreach_mul(mu, 1.0)), list(torch._foreach_mul(nu, 1.0))  # copies
         b1, b2, eps = (float(h) for h in hyper)
+        kernel = functools.partial(
+            torch._fused_adam_, lr=-1.0, beta1=b1, beta2=b2, weight_decay=0.0, eps=eps,
+            amsgrad=False, maximize=False,
+        )  # fmt: skip
         step = [count.to(torch.float32)]
-        out = []
-        for group in _groups(g, _GROUP_BYTES) if self.in_place else [range(len(g))]:
-            z = [torch.zeros_like(g[i]) for i in group]
-            torch._fused_adam_(
-                z, [g[i] for i in group], [mu[i] for i in group], [nu[i] for i in group], [],
-                step * len(z), lr=-1.0, beta1=b1, beta2=b2, weight_decay=0.0, eps=eps,
-                amsgrad=False, maximize=False,
-            )  # fmt: skip
-            if self.in_place:
-                torch._foreach_copy_([g[i] for i in group], z)
-            out += z
-        return (g if self.in_place else out), mu, nu
+        if not self.in_place:
+            out = [torch.zeros_like(x) for x in g]
+            kernel(out, g, mu, nu, [], step * len(g))
+            return out, mu, nu
+        for gs, ms, vs in _pieces(g, mu, nu, max_bytes=_GROUP_BYTES):
+            z = [torch.zeros_like(x) for x in gs]
+            kernel(z, gs, ms, vs, [], step * len(z))
+            torch._foreach_copy_(gs, z)
+        return g, mu, nu
 
     def adam_direction(
         self, mu: list[Tensor], nu: list[Tensor], c1: Scalar, c2: Scalar, eps: Scalar
@@ -339,21 +341,32 @@ class LeafOps:
 
 
 _GROUP_BYTES = 2**26
-"""The most zeros ``adam_fused`` holds at once when donated (64 MB)."""
+"""The most scratch ``adam_fused`` holds at once when donated (64 MB)."""
 
 
-def _groups(xs: list[Tensor], max_bytes: int) -> list[list[int]]:
-    """Indices of ``xs`` in consecutive groups of at most ``max_bytes`` (a larger leaf alone)."""
-    groups: list[list[int]] = [[]]
-    size = 0
-    for i, x in enumerate(xs):
-        nbytes = x.numel() * x.element_size()
-        if groups[-1] and size + nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += nbytes
-    return groups
+def _pieces(*lists: list[Tensor], max_bytes: int) -> Iterator[tuple[list[Tensor], ...]]:
+    """Equal-length lists of tensors (of one shape per position) in groups of at most
+    ``max_bytes`` per list: a larger contiguous tensor is split into flat pieces, so that a
+    scratch buffer per group stays that small whatever the leaf sizes."""
+    rows = []
+    for xs in zip(*lists):
+        size = xs[0].numel() * xs[0].element_size()
+        if size > max_bytes and all(x.is_contiguous() for x in xs):
+            n = max(1, max_bytes // xs[0].element_size())
+            rows += zip(*(x.view(-1).split(n) for x in xs))
+        else:
+            rows.append(xs)
+    group: list[tuple[Tensor, ...]] = []
+    used = 0
+    for row in rows:
+        size = row[0].numel() * row[0].element_size()
+        if group and used + size > max_bytes:
+            yield tuple(list(col) for col in zip(*group))
+            group, used = [], 0
+        group.append(row)
+        used += size
+    if group:
+        yield tuple(list(col) for col in zip(*group))
 
 
 def leaf_ops(*hyperparams: Any) -> LeafOps:
