@@ -144,8 +144,9 @@ def _adam_by_passes(grads, mu, nu, count):
 def test_the_fused_adam_kernel_matches_the_foreach_passes(monkeypatch, donate, group_bytes):
     monkeypatch.setattr(optim.base, "_GROUP_BYTES", group_bytes)
     leaves = optree.tree_leaves(_random_tree(5))
-    grads = [g * 0.1 for g in leaves]
+    grads = [g * 0.1 for g in leaves] + [torch.randn(6, 9).T]  # and a transposed leaf
     mu, nu = [torch.randn_like(g) * 0.01 for g in grads], [torch.rand_like(g) * 1e-3 for g in grads]
+    assert grads[-1].stride() == mu[-1].stride() == (1, 9)  # the moments share its layout
     want_dir, want_mu, want_nu = _adam_by_passes(grads, mu, nu, 3)
     g, m, v = ([x.clone() for x in xs] for xs in (grads, mu, nu))
     with optim.donated(donate):
@@ -164,6 +165,8 @@ def test_the_fused_adam_kernel_is_not_used_where_it_would_change_numbers():
     bf16 = [torch.randn(3, 2).bfloat16()]
     ops = optim.leaf_ops()
     assert ops.adam_fused(bf16, bf16, bf16, (0.9, 0.95, 1e-8), torch.tensor(1)) is None
+    wide, tall = [torch.randn(3, 2)], [torch.randn(2, 3).T]  # one shape, two memory orders
+    assert ops.adam_fused(wide, tall, wide, (0.9, 0.95, 1e-8), torch.tensor(1)) is None
     f32 = [torch.randn(3, 2)]
     hyper = (torch.tensor(0.9), 0.95, 1e-8)  # a tensor hyper-parameter (it may need grad)
     assert ops.adam_fused(f32, f32, f32, hyper, torch.tensor(1)) is None

@@ -288,8 +288,8 @@ class LeafOps:
             return None
         if any(x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) for x in g):
             return None
-        if any(m.dtype != x.dtype or v.dtype != x.dtype for x, m, v in zip(g, mu, nu)):
-            return None
+        if not all(_one_dense_layout(x, m, v) for x, m, v in zip(g, mu, nu)):
+            return None  # the kernel walks memory in order: one dtype and one layout per leaf
         if not self.in_place:
             mu, nu = list(torch._foreach_mul(mu, 1.0)), list(torch._foreach_mul(nu, 1.0))  # copies
         b1, b2, eps = (float(h) for h in hyper)
@@ -302,8 +302,13 @@ class LeafOps:
             out = [torch.zeros_like(x) for x in g]
             kernel(out, g, mu, nu, [], step * len(g))
             return out, mu, nu
+        scratch: Tensor | None = None  # one buffer for every group: no fresh pages each time
         for gs, ms, vs in _pieces(g, mu, nu, max_bytes=_GROUP_BYTES):
-            z = [torch.zeros_like(x) for x in gs]
+            sizes = [x.numel() for x in gs]
+            if scratch is None or scratch.numel() < sum(sizes) or scratch.dtype != gs[0].dtype:
+                scratch = gs[0].new_empty(sum(sizes))
+            pieces = scratch[: sum(sizes)].zero_().split(sizes)
+            z = [p.as_strided(x.shape, x.stride()) for p, x in zip(pieces, gs)]  # x's layout
             kernel(z, gs, ms, vs, [], step * len(z))
             torch._foreach_copy_(gs, z)
         return g, mu, nu
@@ -342,6 +347,20 @@ class LeafOps:
 
 _GROUP_BYTES = 2**26
 """The most scratch ``adam_fused`` holds at once when donated (64 MB)."""
+
+
+def _one_dense_layout(*xs: Tensor) -> bool:
+    """Whether the tensors share dtype and strides, and those strides cover their elements
+    once without gaps (contiguous up to a permutation of the axes, such as a transpose)."""
+    first = xs[0]
+    if any(x.dtype != first.dtype or x.stride() != first.stride() for x in xs):
+        return False
+    expected = 1
+    for size, stride in sorted(zip(first.shape, first.stride()), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _pieces(*lists: list[Tensor], max_bytes: int) -> Iterator[tuple[list[Tensor], ...]]:
