@@ -10,6 +10,10 @@ the whole file compiles two small graphs.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -112,6 +116,13 @@ def test_one_query_attention_equals_the_reference():
 def _kernel_or_skip() -> None:
     if not gemv.enable():
         pytest.skip("no AVX512-BF16 CPU or no C++ build here: the decode kernel is not built")
+
+
+def test_gptfn_gemv_0_keeps_inductors_kernel():
+    code = "from gptfn.model import gemv; print(gemv.enable(), gemv.available())"
+    env = dict(os.environ, GPTFN_GEMV="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["False", "False"]
 
 
 @pytest.mark.parametrize("shape", [(512, 2048), (7, 100), (13, 2053), (4, 64), (1, 1)])

@@ -108,8 +108,9 @@ def enable() -> bool:
                     extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP in the header
                 )  # fmt: skip
             except Exception as err:  # no compiler, headers, ... : keep inductor's kernel
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
                 warnings.warn(
-                    f"gptfn: the bfloat16 decode kernel was not built ({err})", stacklevel=2
+                    f"gptfn: the bfloat16 decode kernel was not built ({first})", stacklevel=2
                 )
     return _STATE["module"] is not None
 
