@@ -144,9 +144,10 @@ def _adam_by_passes(grads, mu, nu, count):
 def test_the_fused_adam_kernel_matches_the_foreach_passes(monkeypatch, donate, group_bytes):
     monkeypatch.setattr(optim.base, "_GROUP_BYTES", group_bytes)
     leaves = optree.tree_leaves(_random_tree(5))
-    grads = [g * 0.1 for g in leaves] + [torch.randn(6, 9).T]  # and a transposed leaf
+    grads = [g * 0.1 for g in leaves] + [torch.randn(6, 9).T]  # and a transposed leaf,
+    grads += [torch.randn(4, dtype=torch.float64)]  # and one in float64 after float32 ones
     mu, nu = [torch.randn_like(g) * 0.01 for g in grads], [torch.rand_like(g) * 1e-3 for g in grads]
-    assert grads[-1].stride() == mu[-1].stride() == (1, 9)  # the moments share its layout
+    assert grads[-2].stride() == mu[-2].stride() == (1, 9)  # the moments share its layout
     want_dir, want_mu, want_nu = _adam_by_passes(grads, mu, nu, 3)
     g, m, v = ([x.clone() for x in xs] for xs in (grads, mu, nu))
     with optim.donated(donate):

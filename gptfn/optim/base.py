@@ -364,9 +364,9 @@ def _one_dense_layout(*xs: Tensor) -> bool:
 
 
 def _pieces(*lists: list[Tensor], max_bytes: int) -> Iterator[tuple[list[Tensor], ...]]:
-    """Equal-length lists of tensors (of one shape per position) in groups of at most
-    ``max_bytes`` per list: a larger contiguous tensor is split into flat pieces, so that a
-    scratch buffer per group stays that small whatever the leaf sizes."""
+    """Equal-length lists of tensors (of one shape per position) in groups of one dtype and at
+    most ``max_bytes`` per list: a larger contiguous tensor is split into flat pieces, so that
+    a scratch buffer per group stays that small whatever the leaf sizes."""
     rows = []
     for xs in zip(*lists):
         size = xs[0].numel() * xs[0].element_size()
@@ -379,7 +379,7 @@ def _pieces(*lists: list[Tensor], max_bytes: int) -> Iterator[tuple[list[Tensor]
     used = 0
     for row in rows:
         size = row[0].numel() * row[0].element_size()
-        if group and used + size > max_bytes:
+        if group and (used + size > max_bytes or row[0].dtype != group[0][0].dtype):
             yield tuple(list(col) for col in zip(*group))
             group, used = [], 0
         group.append(row)
