@@ -18,7 +18,7 @@ from einops import repeat
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptfn.model.context import AttentionImpl, Context
-from gptfn.model.layers import apply_rotary, dense, linear_heads, norm
+from gptfn.model.layers import apply_rotary, dense, norm
 from gptfn.shapes import Float, Params, Tensor
 from gptfn.tracing import needs_math_sdpa
 
@@ -27,7 +27,7 @@ def attention_qkv(
     p: Params, x: Float[Tensor, "batch seq d_model"]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Queries [batch seq head d_head], keys and values [batch seq kv_head d_head]."""
-    return tuple(linear_heads(x, p[f"w_{n}"], p.get(f"b_{n}")) for n in "qkv")  # type: ignore[return-value]
+    return tuple(dense(x, p[f"w_{n}"], p.get(f"b_{n}")) for n in "qkv")  # type: ignore[return-value]
 
 
 def _qkv_per_head_inputs(p: Params, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:

@@ -75,11 +75,6 @@ def dense(x: Tensor, w: Tensor, b: Tensor | None, in_dims: int = 1) -> Tensor:
     return y.view(*x.shape[: x.ndim - in_dims], *w.shape[in_dims:])
 
 
-def linear_heads(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """[b s d] x [d h k] (+ [h k]) -> [b s h k] as one matmul (see :func:`dense`)."""
-    return dense(x, w, b)
-
-
 # ----------------------------------------------------------------------------- embeddings
 
 

@@ -290,15 +290,14 @@ class LeafOps:
             return None
         if not all(_one_dense_layout(x, m, v) for x, m, v in zip(g, mu, nu)):
             return None  # the kernel walks memory in order: one dtype and one layout per leaf
-        if not self.in_place:
-            mu, nu = list(torch._foreach_mul(mu, 1.0)), list(torch._foreach_mul(nu, 1.0))  # copies
         b1, b2, eps = (float(h) for h in hyper)
         kernel = functools.partial(
             torch._fused_adam_, lr=-1.0, beta1=b1, beta2=b2, weight_decay=0.0, eps=eps,
             amsgrad=False, maximize=False,
         )  # fmt: skip
         step = [count.to(torch.float32)]
-        if not self.in_place:
+        if not self.in_place:  # fresh moments and direction; nothing given is touched
+            mu, nu = list(torch._foreach_mul(mu, 1.0)), list(torch._foreach_mul(nu, 1.0))
             out = [torch.zeros_like(x) for x in g]
             kernel(out, g, mu, nu, [], step * len(g))
             return out, mu, nu
