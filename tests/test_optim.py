@@ -140,9 +140,7 @@ def _adam_by_passes(grads, mu, nu, count):
 
 
 @pytest.mark.parametrize("donate", [False, True])
-@pytest.mark.parametrize("group_bytes", [2**26, 40])  # one group; a group per leaf or two
-def test_the_fused_adam_kernel_matches_the_foreach_passes(monkeypatch, donate, group_bytes):
-    monkeypatch.setattr(optim.base, "_GROUP_BYTES", group_bytes)
+def test_the_fused_adam_kernel_matches_the_foreach_passes(donate):
     leaves = optree.tree_leaves(_random_tree(5))
     grads = [g * 0.1 for g in leaves] + [torch.randn(6, 9).T]  # and a transposed leaf,
     grads += [torch.randn(4, dtype=torch.float64)]  # and one in float64 after float32 ones
@@ -160,6 +158,28 @@ def test_the_fused_adam_kernel_matches_the_foreach_passes(monkeypatch, donate, g
         assert all(a is b for a, b in zip(direction + new_mu + new_nu, g + m + v))
     else:  # nothing passed in was touched
         assert all(torch.equal(a, b) for a, b in zip(g + m + v, grads + mu + nu))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_adamw_kernel_may_write_the_direction_over_its_gradient(dtype):
+    """adam_fused's premise: torch's fused AdamW kernel given the gradient as its parameter
+    (lr -1, weight decay -1) leaves exactly what it leaves in a separate zero parameter with
+    plain Adam, at sizes that end in a partial vector and on a transposed leaf."""
+    for grad in [torch.randn(n, dtype=dtype) for n in (1, 7, 33, 1000, 4099)] + [
+        torch.randn(9, 6, dtype=dtype).T
+    ]:
+        mu, nu = torch.randn_like(grad) * 0.1, torch.rand_like(grad)
+        hyper = dict(beta1=0.9, beta2=0.95, eps=1e-8, amsgrad=False, maximize=False)
+        step = [torch.tensor(5.0)]
+        want, want_mu, want_nu = torch.zeros_like(grad), mu.clone(), nu.clone()
+        torch._fused_adam_([want], [grad], [want_mu], [want_nu], [], step, lr=-1.0,
+                           weight_decay=0.0, **hyper)  # fmt: skip
+        got, got_mu, got_nu = grad.clone(), mu.clone(), nu.clone()
+        torch._fused_adamw_([got], [got], [got_mu], [got_nu], [], step, lr=-1.0,
+                            weight_decay=-1.0, **hyper)  # fmt: skip
+        assert got.stride() == grad.stride()
+        for a, b in ((got, want), (got_mu, want_mu), (got_nu, want_nu)):
+            assert torch.equal(a, b)
 
 
 def test_the_fused_adam_kernel_is_not_used_where_it_would_change_numbers():
