@@ -191,7 +191,9 @@ class LeafOps:
         if not (self.in_place and xs):
             return self.scale(xs, s)
         if self.fused:
-            torch._foreach_mul_(xs, self._num(s))
+            s = self._num(s)
+            if s != 1.0:  # an unclipped step: x * 1 is x, so no pass over the leaves
+                torch._foreach_mul_(xs, s)
         else:
             for x in xs:
                 x.mul_(self._like(s, x))
