@@ -3,6 +3,8 @@ optimizer a run asks for. The command line is tested in test_cli*.py."""
 
 from __future__ import annotations
 
+import functools
+
 import optree
 import pytest
 import torch
@@ -13,7 +15,9 @@ import gptfn.optim as optim
 import gptfn.train.optimizer_options as train_options
 from gptfn.checkpoint import load_checkpoint, load_run, save_checkpoint
 from gptfn.data import prepare, shakespeare
+from gptfn.model.layers import dense
 from gptfn.train import TrainConfig, loss_scaling, make_train_step, train
+from gptfn.train.step import _grads_and_loss
 
 TINY = dict(
     n_layer=1,
@@ -108,6 +112,38 @@ def test_bf16_loss_is_close_to_fp32(params, cfg):
     _, _, bf16 = make_train_step(tx, dtype="bfloat16")(params, tx.init(params), batch)
     assert fp32["loss"] != bf16["loss"]  # autocast really ran in bf16
     assert abs(float(fp32["loss"] - bf16["loss"])) < 0.02 * float(fp32["loss"])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_autocast_fuses_the_qkv_projections_with_the_same_gradients(bias):
+    """Under autocast with grad, attention_qkv runs one matmul over the concatenated q/k/v
+    weights (grouped-query here); the loss and gradients agree with the three separate
+    projections, and the train step hands the optimizer contiguous gradients."""
+    import gptfn.model.attention as attention
+
+    cfg = gptfn.GPTConfig(64, 16, 2, 4, 32, n_kv_head=2, bias=bias)
+    params = gptfn.init(cfg, seed=0)
+    batch = (random_tokens(64, 3, 16, 1), random_tokens(64, 3, 16, 2))
+    grad_fn = functools.partial(_grads_and_loss, gptfn.loss, torch.bfloat16, {})
+    fused, fused_loss = grad_fn(params, *batch, None)
+    separate = attention.attention_qkv
+    with pytest.MonkeyPatch.context() as mp:  # the three projections one by one
+        mp.setattr(attention, "attention_qkv", lambda p, x: tuple(
+            dense(x, p[f"w_{n}"], p.get(f"b_{n}")) for n in "qkv"
+        ))  # fmt: skip
+        plain, plain_loss = grad_fn(params, *batch, None)
+    assert attention.attention_qkv is separate
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-3, atol=0)
+    for (path, a), b in zip(gptfn.tree.flatten(fused).items(), optree.tree_leaves(plain)):
+        assert a.is_contiguous(), path
+        if not path.endswith("b_k"):  # a key bias's true gradient is 0 (softmax ignores it)
+            assert float((a - b).abs().max()) < 0.02 * float(b.abs().max()), path
+    leaves = [x.detach().requires_grad_() for x in optree.tree_leaves(params)]
+    tree = optree.tree_unflatten(optree.tree_structure(params), leaves)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = gptfn.loss(tree, *batch)
+    w_q = torch.autograd.grad(loss, tree["blocks"][0]["attn"]["w_q"])[0]
+    assert not w_q.is_contiguous()  # a column slice of one buffer: the fused matmul ran
 
 
 def test_float16_loss_scaling_skips_nonfinite_steps(params, cfg):

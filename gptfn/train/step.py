@@ -68,8 +68,15 @@ def _autograd_grads(objective: Callable, params: Tree) -> tuple[Tree, Tensor]:
     inputs = [x.detach().requires_grad_() for x in leaves]
     scaled, value = objective(optree.tree_unflatten(spec, inputs))
     grads = torch.autograd.grad(scaled, inputs, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+    grads = [torch.zeros_like(x) if g is None else _like_param(g, x) for x, g in zip(inputs, grads)]
     return optree.tree_unflatten(spec, grads), value.detach()
+
+
+def _like_param(grad: Tensor, param: Tensor) -> Tensor:
+    """``grad``, contiguous where ``param`` is and it is not (a column slice of the fused
+    q/k/v weights' gradient): the fused optimizer kernels need one layout per leaf, as
+    ``torch.autograd`` gives ``.grad`` its parameter's layout."""
+    return grad.contiguous() if param.is_contiguous() and not grad.is_contiguous() else grad
 
 
 def accumulate(
