@@ -17,10 +17,10 @@ for a compiled runner, is its first compile). Tables:
    empty compile cache: the first compile and the cached (second-run) one.
 4. ``--only coldstart``: the first call of each compiled nanoGPT-recipe runner, each in a fresh
    process on an empty cache (within one process, a later runner reuses kernels compiled for
-   an earlier one).
+   an earlier one); `--rounds N` alternates nanoGPT's and `--compile`'s N times, medians.
 
     python experiments/bench_compile.py --nanogpt /tmp/nanoGPT [--steps 10] [--threads 2]
-        [--only default|large|nanogpt|cache|coldstart|profile]
+        [--only default|large|nanogpt|cache|coldstart|profile] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -180,17 +180,32 @@ def nanogpt_runners(nanogpt: Path) -> dict[str, Callable[[], Callable]]:
     }
 
 
-def cold_starts(nanogpt: Path, threads: int) -> None:
+def cold_starts(nanogpt: Path, threads: int, rounds: int) -> None:
     """Each compiled runner's first call in a fresh process on an empty cache: no kernel that
-    another runner compiled earlier in the same process can be reused."""
-    print("\n| runner | first call, fresh process, empty cache (s) |\n|---|---:|")
-    for name in ("nanoGPT compiled", "gptfn compiled", "gptfn loss compiled"):
+    another runner compiled earlier in the same process can be reused. ``rounds`` repeats
+    nanoGPT's and ``--compile``'s in turn (a cold start varies by ~10 % here run to run) and
+    reports the medians; the whole step, far slower to start, runs once."""
+
+    def first_call(name: str) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tmp)
             cmd = [sys.executable, __file__, "--nanogpt", str(nanogpt), "--threads", str(threads)]
             out = subprocess.run([*cmd, "--first-call", name], env=env, capture_output=True,
                                  text=True, check=True)  # fmt: skip
-            print(f"| {name} | {float(out.stdout.strip().splitlines()[-1]):.1f} |")
+            return float(out.stdout.strip().splitlines()[-1])
+
+    compared = ("nanoGPT compiled", "gptfn loss compiled")
+    times: dict[str, list[float]] = {name: [] for name in compared}
+    for _ in range(rounds):
+        for name in compared:
+            times[name].append(first_call(name))
+    times["gptfn compiled"] = [first_call("gptfn compiled")]
+    print("\n| runner | first call, fresh process, empty cache (s, median) | each round |")
+    print("|---|---:|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts):.1f} | {', '.join(f'{t:.1f}' for t in ts)} |")
+    ratio = statistics.median(times["gptfn loss compiled"]) / statistics.median(times[compared[0]])
+    print(f"\ngptfn --compile cold start / nanoGPT's: {ratio:.2f}x (goal <= 1.0x)")
 
 
 def main() -> None:
@@ -200,6 +215,7 @@ def main() -> None:
     ap.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (its model.py)")
     parts = ["default", "large", "nanogpt", "cache", "coldstart", "profile"]
     ap.add_argument("--only", choices=parts, action="append", help="(default: all but profile)")
+    ap.add_argument("--rounds", type=int, default=1, help="cold starts per runner (coldstart)")
     ap.add_argument("--first-call", help=argparse.SUPPRESS)  # a worker of --only coldstart
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -265,7 +281,7 @@ def main() -> None:
     if "cache" in only:
         cached_starts(args.threads)
     if "coldstart" in only and args.nanogpt is not None:
-        cold_starts(args.nanogpt, args.threads)
+        cold_starts(args.nanogpt, args.threads, args.rounds)
     if "profile" in only:
         profile(gptfn.GPTConfig(65, 128, 4, 4, 128), 32, "float32", 3)
 
