@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gptfn.model import GPTConfig, check_tokens, context, gemv, run_blocks
+from gptfn.model import GPTConfig, check_tokens, context, decode_kernels, run_blocks
 from gptfn.shapes import Params
 from gptfn.tree import map_with_path
 
@@ -252,7 +252,7 @@ def compiled_steps() -> tuple[Any, Any]:
     decode with static shapes, one graph per batch size, cache length and sampling setting.
     Built once per process (and cached on disk by ``torch.compile`` across processes)."""
     if not _COMPILED:
-        gemv.enable()  # the bfloat16 decode kernel, where this CPU has the instructions
+        decode_kernels.enable()  # the bfloat16 decode kernels, where this CPU has the instructions
         _COMPILED["prefill"] = torch.compile(_prefill_and_sample, fullgraph=True)
         _COMPILED["decode"] = torch.compile(_decode_and_sample, fullgraph=True, dynamic=False)
     return _COMPILED["prefill"], _COMPILED["decode"]

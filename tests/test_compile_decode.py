@@ -23,7 +23,7 @@ from gptfn.checkpoint import load_run
 from gptfn.cli import main
 from gptfn.data import prepare, shakespeare
 from gptfn.generation import sample_from_uniform
-from gptfn.model import gemv
+from gptfn.model import decode_kernels
 from gptfn.model.attention import _one_query_attention, attend
 from gptfn.model.layers import _streams_better, linear
 from gptfn.train import train
@@ -114,12 +114,12 @@ def test_one_query_attention_equals_the_reference():
 
 
 def _kernel_or_skip() -> None:
-    if not gemv.enable():
+    if not decode_kernels.enable():
         pytest.skip("no AVX512-BF16 CPU or no C++ build here: the decode kernel is not built")
 
 
 def test_gptfn_gemv_0_keeps_inductors_kernel():
-    code = "from gptfn.model import gemv; print(gemv.enable(), gemv.available())"
+    code = "from gptfn.model import decode_kernels as d; print(d.enable(), d.available())"
     env = dict(os.environ, GPTFN_GEMV="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split() == ["False", "False"]
@@ -131,14 +131,31 @@ def test_the_bfloat16_decode_kernel_equals_a_float64_matrix_vector_product(shape
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(shape, generator=gen).to(torch.bfloat16)  # four-row blocks and tails
     x = torch.randn(shape[1], generator=gen).to(torch.bfloat16)
-    got, want = gemv.gemv_bf16(w, x), w.double() @ x.double()
+    got, want = decode_kernels.gemv_bf16(w, x), w.double() @ x.double()
     assert got.dtype == torch.float32 and got.shape == (shape[0],)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6 * want.abs().max().item())
 
 
-def test_a_compiled_bfloat16_decode_step_uses_the_kernel_and_agrees_with_eager():
+@pytest.mark.parametrize("heads, kv_heads, d_head, slots", [(32, 8, 64, 1024), (4, 4, 32, 37)])
+def test_the_bfloat16_attention_kernel_equals_float64_attention(heads, kv_heads, d_head, slots):
     _kernel_or_skip()
-    cfg = gptfn.GPTConfig(64, 32, 2, 4, 64, n_kv_head=2, position="rotary", mlp="swiglu")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, heads, d_head, generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(2, slots, kv_heads, d_head, generator=gen).to(torch.bfloat16) for _ in "kv")
+    mask = torch.rand(2, slots, generator=gen) > 0.4  # slots not a multiple of 16 in the 2nd
+    mask[:, 0] = True
+    got = decode_kernels.attend_one_bf16(q, k, v, mask, 0.3)
+    want = attend(
+        q[:, None].double(), k.double(), v.double(), mask=mask[:, None, None], impl="reference",
+        scale=0.3,
+    )[:, 0]  # fmt: skip
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+def test_a_compiled_bfloat16_decode_step_uses_the_kernels_and_agrees_with_eager():
+    _kernel_or_skip()
+    cfg = gptfn.GPTConfig(64, 32, 2, 4, 128, n_kv_head=2, position="rotary", mlp="swiglu")
     params = gptfn.init(cfg, seed=0, dtype=torch.bfloat16)
     decode = gptfn.generation.decode_layout(params)
     cache = gptfn.generation.init_cache(decode, 1, 16)
@@ -148,7 +165,8 @@ def test_a_compiled_bfloat16_decode_step_uses_the_kernel_and_agrees_with_eager()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         compiled, _ = step(decode, token, {k: v for k, v in cache.items()})
     eager, _ = gptfn.generation.extend(decode, token, cache)
-    assert any(e.key == "gptfn::gemv_bf16" for e in prof.key_averages())
+    called = {e.key for e in prof.key_averages()}
+    assert {"gptfn::gemv_bf16", "gptfn::attend_one_bf16"} <= called
     torch.testing.assert_close(compiled.float(), eager.float(), atol=0.05, rtol=0.02)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gptfn.model import gemv
+from gptfn.model import decode_kernels
 from gptfn.model.config import GPTConfig
 from gptfn.model.context import Context
 from gptfn.shapes import Float, Int, Params, Tensor
@@ -31,12 +31,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     step's loops, streaming the weight once, where ``mm`` calls oneDNN's matrix-vector kernel.
     Measured on this 2-core AVX-512 CPU (torch 2.13, bfloat16, 2 threads), a compiled decode
     step of a 4-layer Llama-3.2-1B shape: 45 ms with ``mm``, 27.5 ms as a sum. With bfloat16
-    weights and activations on a CPU with AVX512-BF16, once ``gptfn.model.gemv.enable()`` has
-    built it (``generate(..., compile=True)`` does), a hand-written kernel is faster again.
+    weights and activations on a CPU with AVX512-BF16, once
+    ``gptfn.model.decode_kernels.enable()`` has built it (``generate(..., compile=True)``
+    does), a hand-written kernel is faster again.
     """
     if torch.compiler.is_compiling() and _streams_better(x, weight):
         if _gemv_fits(x, weight):
-            y = gemv.gemv_bf16(weight, x.reshape(-1).contiguous())
+            y = decode_kernels.gemv_bf16(weight, x.reshape(-1).contiguous())
         else:
             y = (weight.float() * x.reshape(1, -1).float()).sum(-1)
         y = y if bias is None else y + bias.float()
@@ -51,9 +52,15 @@ def _streams_better(x: Tensor, weight: Tensor) -> bool:
 
 
 def _gemv_fits(x: Tensor, weight: Tensor) -> bool:
-    """Whether :mod:`gptfn.model.gemv`'s kernel is built and takes this one-row ``linear``."""
+    """Whether :mod:`gptfn.model.decode_kernels`' matrix-vector kernel is built and takes this
+    one-row ``linear``."""
     bf16 = x.dtype == weight.dtype == torch.bfloat16
-    return gemv.available() and bf16 and weight.device.type == "cpu" and weight.is_contiguous()
+    return (
+        decode_kernels.available()
+        and bf16
+        and weight.device.type == "cpu"
+        and weight.is_contiguous()
+    )
 
 
 def dense(x: Tensor, w: Tensor, b: Tensor | None, in_dims: int = 1) -> Tensor:
