@@ -122,6 +122,16 @@ for tx in [
         su, sharded_state = tx.update(shard(grads, mesh), sharded_state, shard(params, mesh))
     pairs = zip(optree.tree_leaves(unshard(su)), optree.tree_leaves(u))
     assert max(float((a - b).abs().max()) for a, b in pairs) < 1e-6
+from gptfn.train.fsdp import make_sharded_train_step  # its clip reuses the logged norm
+norms, foreach_norm = [], torch._foreach_norm
+torch._foreach_norm = lambda xs, *a, **k: norms.append(1) or foreach_norm(xs, *a, **k)
+tx = chain(clip_by_global_norm(0.5), adamw(1e-3))
+step = make_sharded_train_step(tx)
+sharded = shard(params, mesh)
+tokens = torch.randint(0, 59, (1, 16), generator=torch.Generator().manual_seed(dist.get_rank()))
+_, _, metrics = step(sharded, shard(tx.init(params), mesh), (tokens, tokens))
+torch._foreach_norm = foreach_norm
+assert len(norms) == 1 and float(metrics["grad_norm"]) > 0, (len(norms), metrics)
 print("optimizers ok")
 """
 
