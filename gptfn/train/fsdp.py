@@ -44,10 +44,9 @@ from gptfn.distributed import (
     unshard,
 )
 from gptfn.model import block, check_tokens, context, embed, unembed
-from gptfn.optim.base import known_norm
 from gptfn.settings import OptionError
 from gptfn.train.options import TrainConfig
-from gptfn.train.step import DTYPES, accumulate
+from gptfn.train.step import DTYPES, accumulate, logged_norm
 from gptfn.tree import Tree
 
 
@@ -139,9 +138,8 @@ def make_sharded_train_step(
         )
         inv = 1.0 / (accum_steps * _ranks(params))
         grads = optree.tree_map(lambda g: g * (inv if scale is None else inv / scale), grads)
-        leaves, ops = optree.tree_leaves(grads), optim.leaf_ops()
-        grad_norm = ops.norm(leaves)  # logged; clipping reuses it (one reduction over ranks)
-        with known_norm(leaves, grad_norm) if ops.fused else contextlib.nullcontext():
+        grad_norm, remember = logged_norm(grads)  # clipping reuses it: one reduction over ranks
+        with remember:
             updates, opt_state = tx.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates)
         # scalars computed from shards (a loss scale from the gradients' norm) come out as 0-d

@@ -110,6 +110,15 @@ def accumulate(
     return grads, total / accum_steps, scale
 
 
+def logged_norm(grads: Tree) -> tuple[Tensor, contextlib.AbstractContextManager]:
+    """The gradients' global norm (the step logs it) and a context inside which clipping
+    takes that value instead of a second pass (eager fused ops only: the memo reads version
+    counters, which traced tensors do not have). Both train steps, plain and sharded."""
+    leaves, ops = optree.tree_leaves(grads), optim.leaf_ops()
+    norm = ops.norm(leaves)
+    return norm, known_norm(leaves, norm) if ops.fused else contextlib.nullcontext()
+
+
 def make_train_step(
     tx: optim.GradientTransformation,
     loss_fn: Callable[..., Tensor] = loss,
@@ -155,9 +164,7 @@ def make_train_step(
             grads = optree.tree_map(lambda g: g * inv, grads)
         if reduce_grads is not None:
             grads = reduce_grads(grads)
-        grad_leaves, ops = optree.tree_leaves(grads), optim.leaf_ops()
-        grad_norm = ops.norm(grad_leaves)
-        remember = known_norm(grad_leaves, grad_norm) if ops.fused else contextlib.nullcontext()
+        grad_norm, remember = logged_norm(grads)
         with remember, optim.donated() if donate else contextlib.nullcontext():
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optim.apply_updates(params, updates)
