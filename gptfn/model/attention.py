@@ -21,7 +21,7 @@ from gptfn.model import decode_kernels
 from gptfn.model.context import AttentionImpl, Context
 from gptfn.model.layers import apply_rotary, dense, norm
 from gptfn.shapes import Float, Params, Tensor
-from gptfn.tracing import needs_math_sdpa
+from gptfn.tracing import is_traced, needs_math_sdpa, transform_depth
 
 
 def attention_qkv(
@@ -164,6 +164,8 @@ def attend(
         z = _reference_attention(q, k, v, mask, ctx, scale, softcap)
     elif impl == "fast" and q.shape[-2] == 1 and mask is not None and _one_query_path(q, k, mask):
         z = _one_query_attention(q, k, v, mask, scale)
+    elif impl == "fast" and _blocked_path(q, k, v, mask):
+        z = _blocked_attention(q, k, v, mask, scale)
     elif impl == "fast":
         z = _sdpa(q, k, v, mask, scale)
     else:
@@ -228,6 +230,94 @@ def _one_query_attention(
         pattern = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         z = torch.matmul(pattern.to(v.dtype), v)
     return z.reshape(batch, heads, 1, d_head)
+
+
+_BLOCKED_MIN_QUERIES = 64
+"""Fewest queries for which :func:`_blocked_attention` replaces SDPA (see ``_blocked_path``)."""
+
+_BLOCKED_SCORE_BYTES = 4 << 20
+"""Bytes of float32 scores per block of query rows: small enough to be reused from the
+allocator's free lists (fresh pages cost as much as the softmax here) and to stay in cache."""
+
+
+def _blocked_path(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """Whether :func:`_blocked_attention` runs instead of SDPA: bfloat16 on CPU without
+    gradients or transforms (a prefill, an evaluation), at least ``_BLOCKED_MIN_QUERIES``
+    queries, causal (``mask=None``) or a boolean mask [batch|1, head|1, q_seq, k_seq].
+    Measured on this 2-core CPU (torch 2.13, 2 threads), 32 heads over 8, d_head 64, causal:
+    13.0 ms SDPA vs 6.7 ms blocked at 512 queries, 36 vs 24 ms at 1,024, 0.32 vs 0.32 at 64;
+    its error against float64 is 1.3x SDPA's (tests/test_model.py checks <= 1.5x)."""
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-2] < _BLOCKED_MIN_QUERIES:
+        return False
+    if mask is None and q.shape[-2] != k.shape[-2]:
+        return False
+    if mask is not None and (
+        mask.dtype != torch.bool
+        or mask.ndim != 4
+        or mask.shape[-2:] != (q.shape[-2], k.shape[-2])
+        or mask.shape[1] not in (1, q.shape[1])
+    ):
+        return False
+    if is_traced(q) or transform_depth():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+
+
+def _key_bounds(mask: Tensor | None, n: int) -> tuple[list[int], list[int]]:
+    """For each query row: one past the last key any batch row or head may see, and the first
+    key some may not see (keys before it need no masking)."""
+    if mask is None:  # causal, queries and keys of one length
+        return list(range(1, n + 1)), list(range(1, n + 1))
+    seen, hidden = mask.any(0).any(0), (~mask).any(0).any(0)  # [q_seq, k_seq]
+    keys = torch.arange(seen.shape[-1], device=mask.device)
+    reach = torch.where(seen, keys + 1, 0).amax(-1).tolist()
+    return reach, torch.where(hidden, keys, seen.shape[-1]).amin(-1).tolist()
+
+
+def _blocked_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+) -> Tensor:
+    """Attention of q [b h n d] over k, v [b g m d] (bfloat16) as float32 scores, softmax and
+    a bfloat16 weighted sum, a block of query rows at a time: each block stops at the last key
+    any of its rows may see (a causal prefill does about half the work) and its scores fit
+    ``_BLOCKED_SCORE_BYTES``. The query heads of one key/value head are matmul rows together,
+    so grouped-query attention never repeats keys. A row that sees no key falls back to SDPA."""
+    b, heads, n, d = q.shape
+    groups, m = k.shape[1], k.shape[2]
+    per = heads // groups
+    if mask is not None and not bool(mask.any(-1).all()):
+        return _sdpa(q, k, v, mask, scale)
+    reach, first = _key_bounds(mask, n)
+    rows = max(16, min(n, _BLOCKED_SCORE_BYTES // (4 * b * heads * m)))
+    # rows ordered (position, head within group): a block of positions is a slice of rows
+    qg = q.reshape(b, groups, per, n, d).transpose(2, 3)
+    qg = qg.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale)
+    qg, kt, vc = qg.reshape(b, groups, n * per, d), k.float().transpose(-1, -2), v.contiguous()
+    z = q.new_empty(b, n, groups, per, d)
+    for t0 in range(0, n, rows):
+        t1 = min(n, t0 + rows)
+        e, lo = max(reach[t0:t1]), min(first[t0:t1])
+        scores = torch.matmul(qg[:, :, t0 * per : t1 * per], kt[..., :e])
+        scores = scores.view(b, groups, t1 - t0, per, e)
+        if lo < e:
+            hide = ~_block_mask(mask, slice(t0, t1), slice(lo, e), groups)
+            scores[..., lo:].masked_fill_(hide, float("-inf"))
+        pattern = torch.softmax(scores, -1).to(v.dtype).view(b, groups, (t1 - t0) * per, e)
+        out = torch.matmul(pattern, vc[:, :, :e]).view(b, groups, t1 - t0, per, d)
+        z[:, t0:t1] = out.transpose(1, 2)
+    return z.view(b, n, heads, d).transpose(1, 2)
+
+
+def _block_mask(mask: Tensor | None, rows: slice, keys: slice, groups: int) -> Tensor:
+    """The mask of query ``rows`` over ``keys`` (both slices with ints), shaped to broadcast
+    against scores [b, groups, rows, head per group, keys]."""
+    if mask is None:  # causal
+        queries = torch.arange(rows.start, rows.stop)[:, None, None]
+        return torch.arange(keys.start, keys.stop) <= queries  # [rows, 1, keys]
+    blk = mask[:, :, rows, keys]
+    if blk.shape[1] == 1:
+        return blk[:, :, :, None]  # [b|1, 1, rows, 1, keys]
+    return blk.unflatten(1, (groups, -1)).transpose(2, 3)  # [b, groups, rows, per, keys]
 
 
 def _reference_attention(
