@@ -143,6 +143,22 @@ def test_blocked_attention_runs_only_where_it_applies(monkeypatch):
     assert len(calls) == 2
 
 
+def test_compiled_bfloat16_attention_calls_the_blocked_op(monkeypatch):
+    """A compiled prefill (fullgraph) runs the blocked path as one op, with eager's result."""
+    from gptfn.model import attention
+
+    calls = []
+    blocked = attention._blocked_attention
+    monkeypatch.setattr(attention, "_blocked_attention", lambda *a: calls.append(1) or blocked(*a))
+    q, k, v, mask = _bf16_attention_case("padded")
+    compiled = torch.compile(lambda *x: attend(*x, mask=mask), fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        eager = attend(q, k, v, mask=mask)
+        assert len(calls) == 1
+        torch.testing.assert_close(compiled(q, k, v), eager, atol=0, rtol=0)
+    assert len(calls) == 2
+
+
 def test_func_grad_matches_autograd_and_finite_differences_and_reaches_every_leaf(cfg, params):
     toks = random_tokens(cfg.vocab_size, 3, 16, 1)
     targets = random_tokens(cfg.vocab_size, 3, 16, 2)

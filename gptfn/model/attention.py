@@ -165,7 +165,8 @@ def attend(
     elif impl == "fast" and q.shape[-2] == 1 and mask is not None and _one_query_path(q, k, mask):
         z = _one_query_attention(q, k, v, mask, scale)
     elif impl == "fast" and _blocked_path(q, k, v, mask):
-        z = _blocked_attention(q, k, v, mask, scale)
+        blocked = blocked_attention if torch.compiler.is_compiling() else _blocked_attention
+        z = blocked(q, k, v, mask, scale)
     elif impl == "fast":
         z = _sdpa(q, k, v, mask, scale)
     else:
@@ -258,8 +259,8 @@ def _blocked_path(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
         or mask.shape[1] not in (1, q.shape[1])
     ):
         return False
-    if is_traced(q) or transform_depth():
-        return False
+    if transform_depth() or (is_traced(q) and not torch.compiler.is_compiling()):
+        return False  # under compile it runs as one opaque op, blocked_attention
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
 
 
@@ -306,6 +307,19 @@ def _blocked_attention(
         out = torch.matmul(pattern, vc[:, :, :e]).view(b, groups, t1 - t0, per, d)
         z[:, t0:t1] = out.transpose(1, 2)
     return z.view(b, n, heads, d).transpose(1, 2)
+
+
+@torch.library.custom_op("gptfn::blocked_attention", mutates_args=())
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """:func:`_blocked_attention` as one op, so a compiled prefill calls it too (its blocks'
+    bounds are read from the mask's values, which a graph cannot do); no gradient."""
+    return _blocked_attention(q, k, v, mask, scale)
+
+
+@blocked_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    b, heads, n, d = q.shape
+    return q.new_empty(b, n, heads, d).transpose(1, 2)  # the layout _blocked_attention returns
 
 
 def _block_mask(mask: Tensor | None, rows: slice, keys: slice, groups: int) -> Tensor:
