@@ -90,11 +90,11 @@ def _bf16_attention_case(case: str) -> tuple[Tensor, Tensor, Tensor, Tensor | No
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("case", ["causal", "mha", "padded", "cached", "per_head"])
+@pytest.mark.parametrize("case", ["causal", "mha", "padded", "cached", "per_head", "autocast"])
 def test_blocked_bfloat16_attention_is_as_accurate_as_sdpa(case, monkeypatch):
     """bfloat16 attention without gradients (prefill, evaluation) runs in blocks of query rows
     with float32 scores: against float64 attention its error stays within 1.5x SDPA's (scores
-    rounded to bfloat16 would be ~5x), over several blocks of 16 rows."""
+    rounded to bfloat16 would be ~5x), over several blocks of 16 rows; under autocast too."""
     from gptfn.model import attention
 
     q, k, v, mask = _bf16_attention_case(case)
@@ -107,7 +107,8 @@ def test_blocked_bfloat16_attention_is_as_accurate_as_sdpa(case, monkeypatch):
 
     monkeypatch.setattr(attention, "_sdpa", no_sdpa)
     monkeypatch.setattr(attention, "_BLOCKED_SCORE_BYTES", 1)  # blocks of 16 query rows
-    with torch.no_grad():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
+    with torch.no_grad(), autocast:
         blocked = attend(q, k, v, mask=mask)
     assert blocked.dtype == torch.bfloat16 and blocked.shape == q.shape
 
@@ -157,6 +158,79 @@ def test_compiled_bfloat16_attention_calls_the_blocked_op(monkeypatch):
         assert len(calls) == 1
         torch.testing.assert_close(compiled(q, k, v), eager, atol=0, rtol=0)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_composed_bfloat16_training_attention_is_as_accurate_as_sdpa(kv_heads, monkeypatch):
+    """bfloat16 causal attention under gradients (autocast training) runs as batched matmuls
+    and a softmax: against float64, its output and its gradients for q, k and v are within 2x
+    SDPA's error."""
+    from gptfn.model import attention
+
+    g = torch.Generator().manual_seed(kv_heads)
+    q = torch.randn(2, 48, 4, 32, generator=g).bfloat16()
+    k, v = (torch.randn(2, 48, kv_heads, 32, generator=g).bfloat16() for _ in range(2))
+    up = torch.randn(2, 48, 4, 32, generator=g).bfloat16()
+
+    def run(fn, dtype=None):
+        leaves = [t.to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+        z = fn(*leaves)
+        return [z, *torch.autograd.grad(z, leaves, up.to(z.dtype))]
+
+    truth = run(lambda *x: attend(*x, impl="reference"), torch.float64)
+    sdpa = run(
+        lambda *x: attention._sdpa(*(t.transpose(1, 2) for t in x), None, 32**-0.5).transpose(1, 2)
+    )
+    calls = []
+    composed = attention._composed_attention
+    counted = lambda *a: calls.append(1) or composed(*a)  # noqa: E731
+    monkeypatch.setattr(attention, "_composed_attention", counted)
+    ours = run(attend)
+    assert len(calls) == 1
+    for name, ref, a, b in zip(["z", "dq", "dk", "dv"], truth, ours, sdpa):
+        err, sdpa_err = ((x.double() - ref).pow(2).mean().sqrt().item() for x in (a, b))
+        assert err <= 2 * sdpa_err, (name, err, sdpa_err)
+
+
+def test_composed_attention_runs_only_where_it_applies(monkeypatch):
+    """Not without gradients, for float32, under vmap, or past its score budget."""
+    from gptfn.model import attention
+
+    calls = []
+    composed = attention._composed_attention
+    counted = lambda *a: calls.append(1) or composed(*a)  # noqa: E731
+    monkeypatch.setattr(attention, "_composed_attention", counted)
+    q, k, v, _ = _bf16_attention_case("causal")
+    attend(q.requires_grad_(), k, v)
+    assert len(calls) == 1
+    attend(q.detach(), k, v)
+    attend(q.float().requires_grad_(), k.float(), v.float())
+    torch.func.vmap(lambda x: attend(x, k, v))(q.detach()[None].requires_grad_())
+    monkeypatch.setattr(attention, "_COMPOSED_SCORE_BYTES", 2 * 4 * 80 * 80 * 2 - 1)
+    attend(q, k, v)
+    assert len(calls) == 1
+
+
+def test_remat_forward_attends_as_its_recomputation():
+    """remat's forward runs without gradients, its recomputation with them: in bfloat16 both
+    take the training path, so the loss equals the plain one bit for bit."""
+    cfg = gptfn.GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=4, n_embd=64)
+    params = gptfn.init(cfg, seed=0)
+    for block in params["blocks"]:  # scores of order 1-10 and attention that moves the
+        for w in ("w_q", "w_k", "w_v", "w_o"):  # residual, as in trained models
+            block["attn"][w] = block["attn"][w] * 20
+    tokens = random_tokens(cfg.vocab_size, 2, 64, 1)
+
+    def loss_and_grads(remat: bool):
+        leaves = {p: x.detach().requires_grad_() for p, x in gptfn.tree.flatten(params).items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = gptfn.loss(gptfn.tree.unflatten(leaves), tokens, tokens, remat=remat)
+        return value, torch.autograd.grad(value, list(leaves.values()))
+
+    (plain, plain_grads), (remat, remat_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert torch.equal(plain, remat)
+    for a, b in zip(plain_grads, remat_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_func_grad_matches_autograd_and_finite_differences_and_reaches_every_leaf(cfg, params):

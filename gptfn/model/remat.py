@@ -20,6 +20,8 @@ import optree
 import torch
 from torch import Tensor
 
+from gptfn.model.attention import recomputed
+
 
 def remat(fn: Callable[[Any, Tensor], Tensor]) -> Callable[[Any, Tensor], Tensor]:
     """Wrap ``fn(params_subtree, x) -> y`` so that its activations are recomputed in backward
@@ -80,7 +82,7 @@ class _Remat(torch.autograd.Function):
     def forward(  # type: ignore[override]
         fn: Callable, spec: Any, rng: _RngStates, x: Tensor, *leaves: Tensor
     ) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), recomputed():  # attention as the recomputation will run it
             return fn(optree.tree_unflatten(spec, list(leaves)), x)
 
     @staticmethod
