@@ -193,7 +193,8 @@ def test_composed_bfloat16_training_attention_is_as_accurate_as_sdpa(kv_heads, m
 
 
 def test_composed_attention_runs_only_where_it_applies(monkeypatch):
-    """Not without gradients, for float32, under vmap, or past its score budget."""
+    """Not without gradients, for float32, under vmap, with ``impl="sdpa"`` or past its score
+    budget; an unknown impl is refused by name."""
     from gptfn.model import attention
 
     calls = []
@@ -206,9 +207,12 @@ def test_composed_attention_runs_only_where_it_applies(monkeypatch):
     attend(q.detach(), k, v)
     attend(q.float().requires_grad_(), k.float(), v.float())
     torch.func.vmap(lambda x: attend(x, k, v))(q.detach()[None].requires_grad_())
+    attend(q, k, v, impl="sdpa")
     monkeypatch.setattr(attention, "_COMPOSED_SCORE_BYTES", 2 * 4 * 80 * 80 * 2 - 1)
     attend(q, k, v)
     assert len(calls) == 1
+    with pytest.raises(ValueError, match="'fast', 'sdpa' or 'reference', got 'flash'"):
+        attend(q, k, v, impl="flash")  # type: ignore[arg-type]
 
 
 def test_remat_forward_attends_as_its_recomputation():

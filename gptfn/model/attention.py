@@ -150,19 +150,23 @@ def attend(
     reads key/value head i // (head / kv_head), as in Hugging Face's ``repeat_kv``.
     With ``mask=None`` it is causal, query i seeing keys 0..i (queries and keys of one length).
     Otherwise ``mask`` is boolean, broadcastable to [batch head q_seq k_seq], True = may attend.
-    ``impl="fast"`` calls ``F.scaled_dot_product_attention``, or, for one query with a mask (a
-    decode step) where it is faster (compiled, or large and in half precision), scores,
-    softmax and weighted sum spelled out (see ``_one_query_path``); ``"reference"`` spells the
-    same function out with an
-    explicit mask. Under nested torch.func transforms (grad of grad, jvp, vmap) the fast path
-    runs SDPA's math backend (``gptfn.tracing.needs_math_sdpa``). The hook of ``ctx`` sees
-    ``{prefix}scores`` and ``{prefix}pattern`` on the reference path; a hook that wants either
-    selects the reference path.
+    ``impl="sdpa"`` calls ``F.scaled_dot_product_attention``. ``impl="fast"`` does too, but
+    where a path of gptfn's own is faster: one query with a mask (a decode step, compiled or
+    large in half precision, ``_one_query_path``); on CPU in bfloat16, causal attention under
+    gradients (autocast training: ``_composed_path``, bfloat16 scores, as autocast's matmuls
+    and Hugging Face's eager attention give them) and attention without gradients
+    (prefill, evaluation: ``_blocked_path``, float32 scores). ``"reference"`` spells the same
+    function out with an explicit mask. Under nested torch.func transforms (grad of grad, jvp,
+    vmap) SDPA runs its math backend (``gptfn.tracing.needs_math_sdpa``). The hook of ``ctx``
+    sees ``{prefix}scores`` and ``{prefix}pattern`` on the reference path; a hook that wants
+    either selects the reference path.
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b h s k]
     wants_pattern = ctx is not None and (ctx.wants("scores") or ctx.wants("pattern"))
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if impl == "reference" or (impl == "fast" and (wants_pattern or softcap is not None)):
+    if impl not in ("fast", "sdpa", "reference"):
+        raise ValueError(f"attention impl must be 'fast', 'sdpa' or 'reference', got {impl!r}")
+    if impl == "reference" or wants_pattern or softcap is not None:
         z = _reference_attention(q, k, v, mask, ctx, scale, softcap)
     elif impl == "fast" and q.shape[-2] == 1 and mask is not None and _one_query_path(q, k, mask):
         z = _one_query_attention(q, k, v, mask, scale)
@@ -171,10 +175,8 @@ def attend(
     elif impl == "fast" and _blocked_path(q, k, v, mask):
         blocked = blocked_attention if torch.compiler.is_compiling() else _blocked_attention
         z = blocked(q, k, v, mask, scale)
-    elif impl == "fast":
-        z = _sdpa(q, k, v, mask, scale)
     else:
-        raise ValueError(f"attention impl must be 'fast' or 'reference', got {impl!r}")
+        z = _sdpa(q, k, v, mask, scale)
     return z.transpose(1, 2)  # [b s h k]
 
 
@@ -246,10 +248,12 @@ def _composed_path(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool
     batched matmuls and a softmax rather than SDPA: on CPU, eager, while its scores fit
     ``_COMPOSED_SCORE_BYTES`` (the probabilities are kept for the backward). SDPA's CPU kernels
     take bfloat16 through float32 blocks; forward and backward, measured on this 2-core CPU
-    (torch 2.13, 2 threads): batch 12 x 4 heads x 64 tokens 3.5 vs 0.9 ms, 32 x 4 x 128 22 vs
-    4.7 ms, 8 x 6 x 256 21 vs 9.7 ms, 1 x 32 x 512 45 vs 28 ms. The scores are rounded to
-    bfloat16 as every autocast matmul's output is: against float64 the output and gradients
-    are within 2x SDPA's error (tests/test_model.py)."""
+    (torch 2.13, 2 threads, ``experiments/bench_attention.py``): batch 12 x 4 heads x 64 tokens
+    3.0 vs 0.66 ms, 32 x 4 x 128 18.9 vs 3.7, 8 x 6 x 256 18.2 vs 6.5, 1 x 32 x 512 40 vs 19.
+    The scores are rounded to bfloat16, as every autocast matmul's output is (and as Hugging
+    Face's eager attention has them): against float64 the error is up to 2x SDPA's for scores
+    of order 1 (tests/test_model.py), 3-5x for scores of order 1-5; ``attention="sdpa"``
+    keeps SDPA's float32 scores."""
     if mask is not None or q.dtype != torch.bfloat16 or q.device.type != "cpu":
         return False
     batch, heads, n, _ = q.shape

@@ -25,8 +25,10 @@ from gptfn.shapes import Tensor
 Hook = Callable[[str, Tensor], Tensor]
 """``hook(name, activation) -> activation``; see the module docstring and ``gptfn.research``."""
 
-AttentionImpl = Literal["fast", "reference"]
-"""``"fast"``: fused SDPA; ``"reference"``: the same function spelled out with an explicit mask."""
+AttentionImpl = Literal["fast", "sdpa", "reference"]
+"""``"fast"``: the fastest path for the case (fused SDPA, or one of gptfn's own bfloat16 CPU
+paths, see :func:`gptfn.model.attend`); ``"sdpa"``: always fused SDPA (its float32 scores);
+``"reference"``: the same function spelled out with an explicit mask."""
 
 
 class Context(NamedTuple):

@@ -296,7 +296,8 @@ def forward(
       params: a tree from :func:`init`, ``gptfn.load_pretrained`` or a checkpoint; its
         ``config`` says the architecture (trees without one are read as GPT-2).
       tokens: token ids [batch, seq], seq <= block_size.
-      attention: ``"fast"`` (fused SDPA) or ``"reference"`` (explicit mask; same function).
+      attention: ``"fast"`` (the fastest path: fused SDPA, or gptfn's own bfloat16 CPU
+        paths), ``"sdpa"`` (always fused SDPA) or ``"reference"`` (explicit mask; same function).
       dropout: rate of inverted dropout on the embeddings and each residual branch, drawn from
         ``generator`` (an explicit ``torch.Generator``) or the global RNG.
       remat: recompute each block's activations in the backward pass instead of storing them.
