@@ -72,7 +72,7 @@ def test_attend_masked_paths_agree(batch, q_len, extra, heads, d_head):
 def _bf16_attention_case(case: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """bfloat16 queries [2 n 4 32], keys and values [2 m kv 32], and the mask of ``case``."""
     g = torch.Generator().manual_seed(len(case))
-    n, m = (70, 100) if case == "cached" else (80, 80)
+    n, m = (130, 160) if case == "cached" else (144, 144)
     kv = 4 if case == "mha" else 2
     q = (torch.randn(2, n, 4, 32, generator=g) * 2).bfloat16()
     k = (torch.randn(2, m, kv, 32, generator=g) * 2).bfloat16()
@@ -81,7 +81,7 @@ def _bf16_attention_case(case: str) -> tuple[Tensor, Tensor, Tensor, Tensor | No
     if case == "padded":  # left padding of 0 and 5 tokens, as generate's prefill builds it
         pad = torch.tensor([0, 5])[:, None, None]
         mask = (((cols >= pad) & (cols <= rows)) | (cols == rows))[:, None]
-    elif case == "cached":  # 70 new queries after 30 cached keys
+    elif case == "cached":  # 130 new queries after 30 cached keys
         mask = (cols <= rows + m - n)[None, None]
     elif case == "per_head":
         mask = (torch.rand(2, 4, n, m, generator=g) < 0.5) | (cols == rows)
@@ -119,7 +119,7 @@ def test_blocked_bfloat16_attention_is_as_accurate_as_sdpa(case, monkeypatch):
 
 
 def test_blocked_attention_runs_only_where_it_applies(monkeypatch):
-    """Not with gradients, under torch.func, for float32 or fewer than 64 queries; a row that
+    """Not with gradients, under torch.func, for float32 or fewer than 128 queries; a row that
     sees no key gives SDPA's answer."""
     from gptfn.model import attention
 
@@ -130,13 +130,13 @@ def test_blocked_attention_runs_only_where_it_applies(monkeypatch):
     attend(q, k, v)
     assert len(calls) == 1
     attend(q.float(), k.float(), v.float())
-    attend(q[:, :63], k[:, :63], v[:, :63])
+    attend(q[:, :127], k[:, :127], v[:, :127])
     attend(q.requires_grad_(), k, v)
     torch.func.grad(lambda x: attend(x, k, v).float().sum())(q.detach())
     torch.func.vmap(lambda x: attend(x, k, v))(q.detach()[None])
     assert len(calls) == 1
     q = q.detach()
-    mask = torch.ones(80, 80, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    mask = torch.ones(144, 144, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
     mask[1, 0, 3] = False  # query 3 of row 1 sees nothing
     heads_first = [t.transpose(1, 2) for t in (q, k, v)]
     expected = attention._sdpa(*heads_first, mask, 32**-0.5).transpose(1, 2)
@@ -208,7 +208,7 @@ def test_composed_attention_runs_only_where_it_applies(monkeypatch):
     attend(q.float().requires_grad_(), k.float(), v.float())
     torch.func.vmap(lambda x: attend(x, k, v))(q.detach()[None].requires_grad_())
     attend(q, k, v, impl="sdpa")
-    monkeypatch.setattr(attention, "_COMPOSED_SCORE_BYTES", 2 * 4 * 80 * 80 * 2 - 1)
+    monkeypatch.setattr(attention, "_COMPOSED_SCORE_BYTES", 2 * 4 * 144 * 144 * 2 - 1)
     attend(q, k, v)
     assert len(calls) == 1
     with pytest.raises(ValueError, match="'fast', 'sdpa' or 'reference', got 'flash'"):

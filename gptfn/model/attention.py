@@ -299,7 +299,7 @@ def _composed_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
     return torch.bmm(scores.softmax(-1), v.reshape(b * groups, n, d)).view(b, heads, n, d)
 
 
-_BLOCKED_MIN_QUERIES = 64
+_BLOCKED_MIN_QUERIES = 128
 """Fewest queries for which :func:`_blocked_attention` replaces SDPA (see ``_blocked_path``)."""
 
 _BLOCKED_SCORE_BYTES = 4 << 20
@@ -312,8 +312,9 @@ def _blocked_path(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
     gradients or transforms (a prefill, an evaluation), at least ``_BLOCKED_MIN_QUERIES``
     queries, causal (``mask=None``) or a boolean mask [batch|1, head|1, q_seq, k_seq].
     Measured on this 2-core CPU (torch 2.13, 2 threads), 32 heads over 8, d_head 64, causal:
-    13.0 ms SDPA vs 6.7 ms blocked at 512 queries, 36 vs 24 ms at 1,024, 0.32 vs 0.32 at 64;
-    its error against float64 is 1.3x SDPA's (tests/test_model.py checks <= 1.5x)."""
+    13.6 ms SDPA vs 7.6 ms blocked at 512 queries, 37 vs 25 ms at 1,024, 1.10 vs 0.97 ms at
+    128, but 0.33 vs 0.37 at 64 (``experiments/bench_attention.py``); its error against
+    float64 is 1.3x SDPA's (tests/test_model.py checks <= 1.5x)."""
     if q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-2] < _BLOCKED_MIN_QUERIES:
         return False
     if mask is None and q.shape[-2] != k.shape[-2]:
