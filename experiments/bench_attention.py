@@ -18,9 +18,7 @@ with the RMS error of each against float64 attention; then whole bfloat16 train 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,16 +33,8 @@ from bench_compile import gptfn_runner, interleave
 
 
 def alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each function, called in turn ``repeats`` times after a warm-up."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    """Median milliseconds of each function, called in turn ``repeats`` times after warm-up."""
+    return {name: r["ms"] for name, r in interleave(fns, repeats).items()}  # type: ignore[arg-type]
 
 
 def qkv(batch: int, heads: int, kv: int, n: int, d: int) -> list[torch.Tensor]:
