@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import gptfn
+from gptfn.compiling import frozen_first_call, jit
 from gptfn.train import OptimizerConfig, make_optimizer
 
 
@@ -63,13 +64,17 @@ def gptfn_runner(cfg: gptfn.GPTConfig, batch: int, dtype: str, compile: bool | s
     """One iteration of gptfn's training step (the CLI's default optimizer); ``compile=True``
     compiles the whole step, ``"loss"`` only the loss (its backward compiled with it) under an
     eager in-place optimizer, as nanoGPT compiles its model and as ``gptfn train --compile``
-    does: ``make_train_step(tx, torch.compile(gptfn.loss, fullgraph=True), donate=True)``."""
+    does: ``make_train_step(tx, jit(gptfn.loss, ...), donate=True)`` (``gptfn.compiling.jit``:
+    ``torch.compile(fullgraph=True, dynamic=False)``), the step's first call with the heap
+    frozen (``frozen_first_call``)."""
     params = gptfn.init(cfg, seed=0)
     tx = make_optimizer(OptimizerConfig(), total_steps=1000)
     loss = gptfn.loss
-    if compile == "loss":
-        loss = torch.compile(gptfn.loss, fullgraph=True, dynamic=False)
+    if compile == "loss":  # gptfn.compiling.jit, as the loop compiles it
+        loss = jit(gptfn.loss, "the loss", report=None)
     step = gptfn.make_train_step(tx, loss, dtype=dtype, donate=True)  # as gptfn train runs it
+    if compile == "loss":
+        step = frozen_first_call(step)  # as the loop does: the backward compiles in it
     if compile is True:
         step = torch.compile(step, fullgraph=True, dynamic=False)
     state = [params, tx.init(params)]

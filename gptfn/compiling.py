@@ -8,10 +8,12 @@ took. Compiled kernels are cached on disk by inductor's FX-graph and AOTAutograd
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,8 @@ def jit(fn: _F, name: str, report: Callable[[str], None] | None = print) -> _F:
         if not first:
             return compiled(*args, **kwargs)
         start = time.perf_counter()
-        out = compiled(*args, **kwargs)
+        with frozen_heap():
+            out = compiled(*args, **kwargs)
         first = False
         if report is not None:
             seconds = time.perf_counter() - start
@@ -60,3 +63,43 @@ def jit(fn: _F, name: str, report: Callable[[str], None] | None = print) -> _F:
         return out
 
     return call
+
+
+def frozen_first_call(fn: _F) -> _F:
+    """``fn`` whose first call runs in :func:`frozen_heap`: for a call that compiles more than
+    :func:`jit` sees, such as a train step around a compiled loss, whose backward is compiled
+    when the gradient is taken, after the loss has returned."""
+    first = True
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal first
+        if not first:
+            return fn(*args, **kwargs)
+        first = False
+        with frozen_heap():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Leave the objects alive on entry out of the garbage collector's passes until exit.
+
+    Compiling allocates millions of short-lived Python objects, and each full collection they
+    trigger would scan the whole heap again (every module, function and tensor the process
+    holds). ``gc.freeze`` sets those aside, so a collection scans only what the compilation
+    made; ``gc.unfreeze`` on exit hands them back, so nothing is kept that would otherwise
+    have been freed. Nested or inside a caller's own freeze, it does nothing.
+
+    On nanoGPT's CPU recipe a train step's first call (compiling its loss and backward) spent
+    1.1 s in collections, 0.4 s with the heap frozen (docs/benchmarks.md, issue 25)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -211,3 +211,74 @@ def test_train_and_eval_compile_equal_eager(tmp_path, capsys):
         reports.append(json.loads(printed[printed.index("{") :]))
     assert reports[1]["tokens"] == reports[0]["tokens"]
     assert reports[1]["mean_nll"] == pytest.approx(reports[0]["mean_nll"], abs=1e-5)
+
+
+def test_frozen_heap_sets_the_heap_aside_and_gives_it_back():
+    """Inside, what was alive on entry is out of the collector's reach (a dropped cycle
+    survives a collection); after, it is collected again; nested or inside a caller's own
+    freeze, nothing is unfrozen early."""
+    import gc
+    import weakref
+
+    from gptfn.compiling import frozen_heap
+
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    cycle = Node()
+    cycle.me = cycle  # garbage only a collection can free
+    alive = weakref.ref(cycle)
+    with frozen_heap():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        del cycle
+        with frozen_heap():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+        gc.collect()
+        assert alive() is not None  # frozen: not scanned
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert alive() is None  # handed back: nothing kept
+    gc.freeze()  # a caller's own freeze is left as it was
+    try:
+        theirs = gc.get_freeze_count()
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() == theirs
+    finally:
+        gc.unfreeze()
+
+
+def test_jit_and_the_loops_compiled_step_make_their_first_call_on_a_frozen_heap(monkeypatch):
+    """``jit``'s first call (the compilation) and, under ``--compile``, the loop's first step
+    (which compiles the backward too) run in ``frozen_heap``; later calls do not."""
+    import gc
+
+    from gptfn.compiling import jit
+    from gptfn.distributed import DistEnv
+    from gptfn.train import TrainConfig, make_optimizer
+    from gptfn.train.loop import _make_step
+
+    seen: list[int] = []
+
+    def loss(params, *args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        return gptfn.loss(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the wrappers, not inductor
+    compiled = jit(loss, "the loss", report=None)
+    params = gptfn.init(gptfn.GPTConfig(10, 8, 1, 2, 8))
+    batch = tuple(t % 10 for t in _batch(0))
+    compiled(params, *batch), compiled(params, *batch)
+    assert seen[0] > 0 and seen[1] == 0
+    seen.clear()
+    for compile in (True, False):
+        cfg = TrainConfig.from_dict({"compile": compile, "n_layer": 1, "block_size": 8})
+        tx = make_optimizer(cfg.optimizer, 10)
+        step = _make_step(cfg, DistEnv(), tx, loss, None)
+        state = params, tx.init(params)
+        state = step(*state, batch)[:2]
+        step(*state, batch)
+    assert seen[0] > 0 and seen[1:] == [0, 0, 0]

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gptfn.checkpoint import flat_state, latest_checkpoint, read_meta, save_checkpoint
-from gptfn.compiling import jit
+from gptfn.compiling import frozen_first_call, jit
 from gptfn.data import (
     Prefetcher,
     Tokenizer,
@@ -211,12 +211,13 @@ def _make_step(cfg: TrainConfig, env: DistEnv, tx: Any, loss_fn: Callable, mesh:
         reduce = all_reduce_mean if env.world_size > 1 else None
         # donated: the loop keeps only the returned trees, so AdamW updates in place
         make = functools.partial(make_train_step, tx, loss_fn, reduce_grads=reduce, donate=True)
-    return make(
+    step = make(
         accum_steps=cfg.data.grad_accum,
         dtype=cfg.run.dtype,
         dropout=cfg.model.dropout,
         remat=cfg.run.remat,
     )
+    return frozen_first_call(step) if cfg.run.compile else step  # it compiles the backward too
 
 
 def _optimizer(
