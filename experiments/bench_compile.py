@@ -18,15 +18,17 @@ for a compiled runner, is its first compile). Tables:
 4. ``--only coldstart``: each compiled nanoGPT-recipe runner built (``torch.compile`` called)
    and called once, each in a fresh process on an empty cache (within one process, a later
    runner reuses kernels compiled for an earlier one); `--rounds N` alternates nanoGPT's and
-   `--compile`'s N times, medians.
+   `--compile`'s N times, medians; ``--unfrozen`` adds `--compile` without
+   ``gptfn.compiling.frozen_heap`` to the rounds.
 
     python experiments/bench_compile.py --nanogpt /tmp/nanoGPT [--steps 10] [--threads 2]
-        [--only default|large|nanogpt|cache|coldstart|profile] [--rounds 5]
+        [--only default|large|nanogpt|cache|coldstart|profile] [--rounds 5] [--unfrozen]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -186,13 +188,17 @@ def nanogpt_runners(nanogpt: Path) -> dict[str, Callable[[], Callable]]:
     }
 
 
-def cold_starts(nanogpt: Path, threads: int, rounds: int) -> None:
+UNFROZEN = ", heap not frozen"  # a cold-start runner's suffix: gptfn.compiling.frozen_heap off
+
+
+def cold_starts(nanogpt: Path, threads: int, rounds: int, unfrozen: bool = False) -> None:
     """Each compiled runner built and called once in a fresh process on an empty cache (timed
     from ``torch.compile``, which for a module imports inductor at once and for a function on
     its first call: 0.7 s here that timing the first call alone gave nanoGPT), so no kernel that
     another runner compiled earlier in the same process can be reused. ``rounds`` repeats
     nanoGPT's and ``--compile``'s in turn (a cold start varies by ~10 % here run to run) and
-    reports the medians; the whole step, far slower to start, runs once."""
+    reports the medians; the whole step, far slower to start, runs once. ``unfrozen`` adds
+    ``--compile`` without ``frozen_heap`` to the rounds (the ablation of that change)."""
 
     def first_call(name: str) -> float:
         with tempfile.TemporaryDirectory() as tmp:
@@ -203,6 +209,7 @@ def cold_starts(nanogpt: Path, threads: int, rounds: int) -> None:
             return float(out.stdout.strip().splitlines()[-1])
 
     compared = ("nanoGPT compiled", "gptfn loss compiled")
+    compared += ("gptfn loss compiled" + UNFROZEN,) if unfrozen else ()
     times: dict[str, list[float]] = {name: [] for name in compared}
     for _ in range(rounds):
         for name in compared:
@@ -214,8 +221,10 @@ def cold_starts(nanogpt: Path, threads: int, rounds: int) -> None:
     print("|---|---:|---|")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.1f} | {', '.join(f'{t:.1f}' for t in ts)} |")
-    ratio = statistics.median(times["gptfn loss compiled"]) / statistics.median(times[compared[0]])
-    print(f"\ngptfn --compile cold start / nanoGPT's: {ratio:.2f}x (goal <= 1.0x)")
+    nano = statistics.median(times[compared[0]])
+    for name in compared[1:]:
+        ratio = statistics.median(times[name]) / nano
+        print(f"\n{name} cold start / nanoGPT's: {ratio:.2f}x (goal <= 1.0x)")
 
 
 def main() -> None:
@@ -226,10 +235,14 @@ def main() -> None:
     parts = ["default", "large", "nanogpt", "cache", "coldstart", "profile"]
     ap.add_argument("--only", choices=parts, action="append", help="(default: all but profile)")
     ap.add_argument("--rounds", type=int, default=1, help="cold starts per runner (coldstart)")
+    ap.add_argument("--unfrozen", action="store_true", help="coldstart: also without frozen_heap")
     ap.add_argument("--first-call", help=argparse.SUPPRESS)  # a worker of --only coldstart
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.first_call:
+        if args.first_call.endswith(UNFROZEN):
+            gptfn.compiling.frozen_heap = contextlib.nullcontext
+            args.first_call = args.first_call.removesuffix(UNFROZEN)
         t0 = time.perf_counter()  # from torch.compile on: compiling a module imports inductor
         run = nanogpt_runners(args.nanogpt)[args.first_call]()  # there, compiling a function
         run()  # on its first call
@@ -294,7 +307,7 @@ def main() -> None:
     if "cache" in only:
         cached_starts(args.threads)
     if "coldstart" in only and args.nanogpt is not None:
-        cold_starts(args.nanogpt, args.threads, args.rounds)
+        cold_starts(args.nanogpt, args.threads, args.rounds, args.unfrozen)
     if "profile" in only:
         profile(gptfn.GPTConfig(65, 128, 4, 4, 128), 32, "float32", 3)
 
