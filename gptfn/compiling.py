@@ -45,40 +45,33 @@ def jit(fn: _F, name: str, report: Callable[[str], None] | None = print) -> _F:
       The compiled function.
     """
     cache = compile_cache_dir()
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+
+    def done(seconds: float) -> None:
+        if report is not None:
+            report(f"compiled {name} in {seconds:.1f} s (first call; cache {cache})")
+
+    return frozen_first_call(torch.compile(fn, fullgraph=True, dynamic=False), done)
+
+
+def frozen_first_call(fn: _F, done: Callable[[float], None] | None = None) -> _F:
+    """``fn`` whose first call runs in :func:`frozen_heap` and then, if given, calls ``done``
+    with its seconds: :func:`jit`'s compilation, or a call that compiles more than ``jit``
+    sees, such as a train step around a compiled loss, whose backward is compiled when the
+    gradient is taken, after the loss has returned. A first call that raises counts as none."""
     first = True
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         nonlocal first
         if not first:
-            return compiled(*args, **kwargs)
+            return fn(*args, **kwargs)
         start = time.perf_counter()
         with frozen_heap():
-            out = compiled(*args, **kwargs)
+            out = fn(*args, **kwargs)
         first = False
-        if report is not None:
-            seconds = time.perf_counter() - start
-            report(f"compiled {name} in {seconds:.1f} s (first call; cache {cache})")
+        if done is not None:
+            done(time.perf_counter() - start)
         return out
-
-    return call
-
-
-def frozen_first_call(fn: _F) -> _F:
-    """``fn`` whose first call runs in :func:`frozen_heap`: for a call that compiles more than
-    :func:`jit` sees, such as a train step around a compiled loss, whose backward is compiled
-    when the gradient is taken, after the loss has returned."""
-    first = True
-
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        nonlocal first
-        if not first:
-            return fn(*args, **kwargs)
-        first = False
-        with frozen_heap():
-            return fn(*args, **kwargs)
 
     return call
 
