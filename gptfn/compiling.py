@@ -4,6 +4,8 @@
 fallback to eager) and static shapes, and prints how long the first call (the compilation)
 took. Compiled kernels are cached on disk by inductor's FX-graph and AOTAutograd caches in
 :func:`compile_cache_dir`, so a second run of the same configuration skips code generation.
+The compilation runs with the heap frozen (:func:`frozen_heap`): the garbage collector's full
+passes skip what the process held before it.
 """
 
 from __future__ import annotations
