@@ -1,7 +1,8 @@
 """Step time of gptfn's functional training step vs a plain nn.Module GPT + torch.optim.AdamW.
 
 Both models start from the same weights and see the same batches; the two steps alternate in one
-loop so they share the machine's noise. Prints a table of median step times and their ratio.
+loop so they share the machine's noise. Prints a table of median step times and their ratio,
+and each step's minor page faults (pages the step touched fresh: a cost outside the operators).
 
     python experiments/bench_train.py [--steps 30] [--threads 2] [--compile]
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import resource
 import statistics
 import time
 
@@ -118,18 +120,21 @@ def bench(
     state = tx.init(params)
     g = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {"gptfn": [], "module": []}
+    faults: dict[str, list[int]] = {"gptfn": [], "module": []}  # minor page faults a step
     losses = {}
     for i in range(steps + 3):
         batch = (torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), generator=g),) * 2
-        t0 = time.perf_counter()
+        f0, t0 = _faults(), time.perf_counter()
         params, state, metrics = step(params, state, batch)
         losses["gptfn"] = float(metrics["loss"])
-        t1 = time.perf_counter()
+        f1, t1 = _faults(), time.perf_counter()
         losses["module"] = module_step(model, opt, batch, dtype).item()
-        t2 = time.perf_counter()
+        f2, t2 = _faults(), time.perf_counter()
         if i >= 3:  # warm-up excluded
             times["gptfn"].append(t1 - t0)
             times["module"].append(t2 - t1)
+            faults["gptfn"].append(f1 - f0)
+            faults["module"].append(f2 - f1)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "gptfn_ms": med["gptfn"] * 1e3,
@@ -137,7 +142,13 @@ def bench(
         "ratio": med["gptfn"] / med["module"],
         "loss_gap": abs(losses["gptfn"] - losses["module"]),
         "tok_s": batch_size * cfg.block_size / med["gptfn"],
+        "faults": {k: statistics.median(v) for k, v in faults.items()},
     }
+
+
+def _faults() -> int:
+    """Minor page faults of this process so far (fresh or reclaimed pages touched)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main() -> None:
@@ -158,9 +169,9 @@ def main() -> None:
     )
     print(
         "| config | dtype | gptfn ms/step | module ms/step | gptfn/module | gptfn tok/s "
-        "| last-loss gap |"
+        "| last-loss gap | page faults / step, gptfn / module |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, cfg, batch in configs:
         for dtype in (torch.float32, torch.bfloat16):
             r = bench(cfg, batch, dtype, args.steps, args.compile)
@@ -168,7 +179,8 @@ def main() -> None:
             print(
                 f"| {name}, B={batch} | {str(dtype)[6:]} | {r['gptfn_ms']:.1f} "
                 f"| {r['module_ms']:.1f} | "
-                f"{r['ratio']:.2f} | {r['tok_s']:.0f} | {r['loss_gap']:.1e} |",
+                f"{r['ratio']:.2f} | {r['tok_s']:.0f} | {r['loss_gap']:.1e} "
+                f"| {r['faults']['gptfn']:.0f} / {r['faults']['module']:.0f} |",
                 flush=True,
             )
 

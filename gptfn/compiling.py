@@ -82,7 +82,7 @@ def frozen_first_call(fn: _F, done: Callable[[float], None] | None = None) -> _F
 def frozen_heap() -> Iterator[None]:
     """Leave the objects alive on entry out of the garbage collector's passes until exit.
 
-    Compiling allocates millions of short-lived Python objects, and each full collection they
+    Compiling allocates a great many short-lived Python objects, and each full collection they
     trigger would scan the whole heap again (every module, function and tensor the process
     holds). ``gc.freeze`` sets those aside, so a collection scans only what the compilation
     made; ``gc.unfreeze`` on exit hands them back, so nothing is kept that would otherwise
