@@ -1,10 +1,14 @@
 """Step time of gptfn's functional training step vs a plain nn.Module GPT + torch.optim.AdamW.
 
 Both models start from the same weights and see the same batches; the two steps alternate in one
-loop so they share the machine's noise. Prints a table of median step times and their ratio,
-and each step's minor page faults (pages the step touched fresh: a cost outside the operators).
+loop so they share the machine's noise, which of them goes first flipped each step (the one
+after the other finds the caches and the heap as its peer left them). Prints a table of median
+step times and their ratio, and each step's minor page faults (pages the step touched fresh).
+The process keeps its heap as ``gptfn train`` on a CPU does (``keep_freed_memory``; with
+``--give-back``, glibc's default, whichever step frees last may have its pages trimmed and
+fault them back in: 2,000-5,600 faults a step on one side or the other).
 
-    python experiments/bench_train.py [--steps 30] [--threads 2] [--compile]
+    python experiments/bench_train.py [--steps 30] [--threads 2] [--compile] [--give-back]
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 
 import gptfn
 import gptfn.optim as optim
-from gptfn.train import make_train_step
+from gptfn.train import keep_freed_memory, make_train_step
 
 
 class Block(nn.Module):
@@ -122,19 +126,25 @@ def bench(
     times: dict[str, list[float]] = {"gptfn": [], "module": []}
     faults: dict[str, list[int]] = {"gptfn": [], "module": []}  # minor page faults a step
     losses = {}
-    for i in range(steps + 3):
+    trees = [params, state]
+
+    def gptfn_step(batch) -> float:
+        trees[0], trees[1], metrics = step(*trees, batch)
+        return float(metrics["loss"])
+
+    runs = {
+        "gptfn": gptfn_step,
+        "module": lambda batch: module_step(model, opt, batch, dtype).item(),
+    }
+    for i in range(steps + 4):
         batch = (torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), generator=g),) * 2
-        f0, t0 = _faults(), time.perf_counter()
-        params, state, metrics = step(params, state, batch)
-        losses["gptfn"] = float(metrics["loss"])
-        f1, t1 = _faults(), time.perf_counter()
-        losses["module"] = module_step(model, opt, batch, dtype).item()
-        f2, t2 = _faults(), time.perf_counter()
-        if i >= 3:  # warm-up excluded
-            times["gptfn"].append(t1 - t0)
-            times["module"].append(t2 - t1)
-            faults["gptfn"].append(f1 - f0)
-            faults["module"].append(f2 - f1)
+        for name in ("gptfn", "module") if i % 2 == 0 else ("module", "gptfn"):
+            f0, t0 = _faults(), time.perf_counter()
+            losses[name] = runs[name](batch)
+            f1, t1 = _faults(), time.perf_counter()
+            if i >= 4:  # warm-up excluded
+                times[name].append(t1 - t0)
+                faults[name].append(f1 - f0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "gptfn_ms": med["gptfn"] * 1e3,
@@ -156,8 +166,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile both (slow start)")
+    parser.add_argument("--give-back", action="store_true", help="glibc's default heap policy")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    kept = not args.give_back and keep_freed_memory()  # as gptfn train on a CPU
     gptfn.set_runtime_checks(False)  # the module GPT does not check either
     configs = [  # (name, config, batch)
         ("default 4x128, T=128", gptfn.GPTConfig(75, 128, 4, 4, 128), 32),
@@ -165,7 +177,8 @@ def main() -> None:
     ]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps "
-        f"(median){', both compiled' if args.compile else ''}"
+        f"(median){', both compiled' if args.compile else ''}, heap "
+        f"{'kept (keep_freed_memory)' if kept else 'as the C library does by default'}"
     )
     print(
         "| config | dtype | gptfn ms/step | module ms/step | gptfn/module | gptfn tok/s "

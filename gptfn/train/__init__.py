@@ -21,6 +21,7 @@ This module gathers the names a user imports: ``from gptfn.train import TrainCon
 from __future__ import annotations
 
 from gptfn.optim import loss_scaling
+from gptfn.train.host_memory import keep_freed_memory, release_freed_memory
 from gptfn.train.interrupt import TrainingInterrupted
 from gptfn.train.loop import train
 from gptfn.train.optimizer_options import (
@@ -48,6 +49,7 @@ __all__ = [
     "RunOptions",
     "TrainConfig",
     "TrainingInterrupted",
+    "keep_freed_memory",
     "learning_rates",
     "loss_scaling",
     "lr_schedule",
@@ -56,6 +58,7 @@ __all__ = [
     "muon_momentum",
     "plot_run",
     "read_log",
+    "release_freed_memory",
     "state_clash",
     "train",
 ]

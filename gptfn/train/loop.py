@@ -55,6 +55,7 @@ from gptfn.model import GPTConfig, init
 from gptfn.optim import loss_scaling
 from gptfn.train.finetune import lora_meta, lora_start, pretrained_start
 from gptfn.train.fsdp import fsdp_mesh, load_state, make_sharded_train_step, sharded_loss
+from gptfn.train.host_memory import keep_freed_memory, release_freed_memory
 from gptfn.train.interrupt import StopSignal, TrainingInterrupted
 from gptfn.train.log import TrainLog
 from gptfn.train.optimizer_options import make_optimizer, state_clash
@@ -104,10 +105,13 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict], None]] = ()) -> dic
         finished step.
     """
     env = setup(cfg.run.device, cfg.run.backend, cfg.run.dist_timeout)
+    kept = cfg.run.keep_memory and cfg.run.device == "cpu" and keep_freed_memory()
     try:
         return _train(cfg, env, callbacks)
     finally:
         teardown()
+        if kept:  # the policy stays; what the run's heap held goes back
+            release_freed_memory()
 
 
 def _train(cfg: TrainConfig, env: DistEnv, callbacks: list[Callable[[dict], None]]) -> dict:

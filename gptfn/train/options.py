@@ -212,6 +212,11 @@ class RunOptions:
         check=_compile_works,
     )
     remat: bool = option(False, "recompute activations in the backward: less memory, more time")
+    keep_memory: bool = option(
+        True,
+        "on a CPU (Linux, glibc): keep the memory a step frees for the next step rather than "
+        "return it to the system (fewer page faults; see gptfn.train.keep_freed_memory)",
+    )
     backend: str = option(
         "auto", "torchrun backend (auto: nccl on CUDA, else gloo)", choices=("auto", "gloo", "nccl")
     )
