@@ -47,7 +47,8 @@ from gptfn.train import OptimizerConfig, make_optimizer
 
 
 def interleave(runners: dict[str, Callable[[], None]], steps: int) -> dict[str, dict]:
-    """First-call seconds and median ms of each runner, called in turn ``steps`` times."""
+    """First-call seconds and median ms of each runner, called in turn ``steps`` times, the
+    order rotated each time (a step after another runner's finds the caches as it left them)."""
     first = {}
     for name, run in runners.items():
         t0 = time.perf_counter()
@@ -55,10 +56,11 @@ def interleave(runners: dict[str, Callable[[], None]], steps: int) -> dict[str, 
         first[name] = time.perf_counter() - t0
         run()  # a second warm-up call
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(steps):
-        for name, run in runners.items():
+    names = list(runners)
+    for i in range(steps):  # each runner goes first in turn: none always follows the same one
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             t0 = time.perf_counter()
-            run()
+            runners[name]()
             times[name].append(time.perf_counter() - t0)
     return {n: {"first_s": first[n], "ms": statistics.median(t) * 1e3} for n, t in times.items()}
 
