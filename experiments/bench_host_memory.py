@@ -56,13 +56,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "plays.txt").write_text(shakespeare())
-        prepare(root / "plays.txt", root / "char", "char")
+        data, out = root / "char", root / "run"
+        prepare(root / "plays.txt", data, "char")
         for dtype in ("float32", "bfloat16"):
             got: dict[str, list[tuple[float, int]]] = {way: [] for way in WAYS}
             for i in range(args.rounds):
                 for way in list(WAYS)[:: 1 if i % 2 == 0 else -1]:
                     flags = [*WAYS[way], "--dtype", dtype]
-                    data, out = root / "char", root / "run"
                     got[way].append(run(flags, data, out, args.steps, args.threads))
             _row(dtype, got)
 
