@@ -529,3 +529,110 @@ def test_optimizer_docstring_examples_run():
     for module in (optim.aliases, optim.schedules, optim.hyperparams):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def _step_both_ways(tx, params: dict, steps: int, donate: bool) -> tuple[dict, dict, dict, dict]:
+    """``steps`` updates of ``tx`` by update + apply_updates and by update_and_apply."""
+    chain_p, fused_p = optree.tree_map(torch.clone, params), optree.tree_map(torch.clone, params)
+    chain_s, fused_s = tx.init(chain_p), tx.init(fused_p)
+    for s in range(steps):
+        grads = optree.tree_map(lambda g, p: g.to(p.dtype), _grads(s, params), params)
+        updates, chain_s = tx.update(grads, chain_s, chain_p)
+        chain_p = optim.apply_updates(chain_p, updates)
+        grads = optree.tree_map(lambda g, p: g.to(p.dtype), _grads(s, params), params)
+        with optim.donated(donate):
+            fused_p, fused_s = optim.update_and_apply(tx, grads, fused_s, fused_p)
+    return chain_p, chain_s, fused_p, fused_s
+
+
+def _count_kernel_calls(monkeypatch) -> list[int]:
+    calls, kernel = [0], torch._fused_adamw_
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", counted)
+    return calls
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optim.adamw(1e-2, 0.9, 0.95, weight_decay=0.1),  # matrices decayed, rest not
+        lambda: optim.adamw(optim.linear_schedule(0.0, 1e-2, 3), weight_decay=0.1, mask=None),
+        lambda: optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2)),  # README's
+        lambda: train_options.make_optimizer(
+            train_options.OptimizerConfig(grad_clip=0.5, warmup_steps=2), 10
+        ),  # clipped on every step (the random gradients' norm is ~5)
+        lambda: train_options.make_optimizer(train_options.OptimizerConfig(grad_clip=100.0), 10),
+        lambda: train_options.make_optimizer(train_options.OptimizerConfig(grad_clip=0.0), 10),
+    ],
+)
+def test_update_and_apply_is_adamw_in_one_kernel_pass(make, donate, monkeypatch):
+    calls = _count_kernel_calls(monkeypatch)
+    tx, params = make(), _random_tree()
+    assert tx.fused_step is not None
+    chain_p, chain_s, fused_p, fused_s = _step_both_ways(tx, params, 6, donate)
+    assert calls[0] >= 6  # the kernel updated the params (one call per decay rate)
+    _assert_trees_close(fused_p, chain_p, 2e-6)  # a few float32 ulps apart
+    assert optree.tree_structure(fused_s) == optree.tree_structure(chain_s)  # same checkpoints
+    _assert_trees_close(fused_s, chain_s, 2e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(_leaves(fused_p), _leaves(params)))
+
+
+def _leaves(tree) -> list[torch.Tensor]:
+    return optree.tree_leaves(tree)
+
+
+def test_update_and_apply_equals_torch_fused_adamw_bit_for_bit():
+    params = _random_tree()
+    tx = optim.adamw(1e-2, 0.9, 0.95, 1e-8, weight_decay=0.1, mask=None)
+    state, ours = tx.init(params), params
+    for s in range(20):
+        ours, state = optim.update_and_apply(tx, _grads(s, params), state, ours)
+    make = lambda ps: torch.optim.AdamW(ps, 1e-2, (0.9, 0.95), 1e-8, 0.1, fused=True)  # noqa: E731
+    theirs = _run_torch(make, params)
+    assert all(torch.equal(a, b) for a, b in zip(_leaves(ours), _leaves(theirs)))
+
+
+def test_update_and_apply_touches_nothing_it_is_given_unless_donated():
+    tx = train_options.make_optimizer(train_options.OptimizerConfig(grad_clip=0.5), 10)
+    params, grads = _random_tree(), _grads(0, _random_tree())
+    state = tx.init(params)
+    given = copy.deepcopy((params, grads, state))
+    new_params, _ = optim.update_and_apply(tx, grads, state, params)
+    for a, b in zip(_leaves((params, grads, state)), _leaves(given)):
+        assert torch.equal(a, b)  # the kernel divides the gradients it is given: a copy here
+    with optim.donated():
+        donated_params, _ = optim.update_and_apply(tx, grads, state, params)
+    pointers = [
+        (a.data_ptr(), b.data_ptr()) for a, b in zip(_leaves(params), _leaves(donated_params))
+    ]
+    assert all(a == b for a, b in pointers)  # donated: updated where they lie
+    _assert_trees_close(donated_params, new_params, 0.0)
+
+
+def test_update_and_apply_steps_by_the_chain_where_the_kernel_does_not_apply(monkeypatch):
+    calls = _count_kernel_calls(monkeypatch)
+    params = _random_tree()
+    previous = optim.set_foreach(False)  # leaf-by-leaf ops (as under vmap or compile)
+    try:
+        chain_p, _, fused_p, _ = _step_both_ways(optim.adamw(1e-2), params, 3, True)
+    finally:
+        optim.set_foreach(previous)
+    assert calls[0] == 0
+    _assert_trees_close(fused_p, chain_p, 0.0)
+    bf16 = optree.tree_map(lambda x: x.bfloat16(), params)
+    tx = optim.adamw(1e-2)
+    out, _ = optim.update_and_apply(tx, optree.tree_map(torch.ones_like, bf16), tx.init(bf16), bf16)
+    assert calls[0] == 0 and all(x.dtype == torch.bfloat16 for x in _leaves(out))
+    clipped = optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2))  # refused after
+    chain_p, _, fused_p, _ = _step_both_ways(clipped, bf16, 3, True)  # the clip ran in place
+    assert calls[0] == 0
+    _assert_trees_close(fused_p, chain_p, 0.0)
+    owned = train_options.make_optimizer(
+        train_options.OptimizerConfig(), 10, owned=lambda path, leaf: path == "w"
+    )
+    assert owned.fused_step is None  # ZeRO-1 zeroes the others' updates: no fused step

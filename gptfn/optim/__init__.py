@@ -13,6 +13,7 @@ from gptfn.optim.base import (
     donated,
     leaf_ops,
     set_foreach,
+    update_and_apply,
 )
 from gptfn.optim.combine import chain, masked
 from gptfn.optim.hyperparams import InjectHyperparamsState, inject_hyperparams, set_hyperparams
@@ -76,6 +77,7 @@ __all__ = [
     "set_foreach",
     "sgd",
     "trace",
+    "update_and_apply",
     "warmup_cosine_decay_schedule",
     "warmup_stable_decay_schedule",
 ]

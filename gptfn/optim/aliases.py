@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import optree
 from torch import Tensor
 
-from gptfn.optim.base import GradientTransformation, Scalar, Schedule
-from gptfn.optim.combine import MaskSpec, chain, masked
+from gptfn.optim.base import GradientTransformation, Scalar, Schedule, leaf_ops
+from gptfn.optim.combine import MaskSpec, chain, chooser, masked
 from gptfn.optim.transforms import (
     FanInAxes,
     add_decayed_weights,
@@ -112,7 +113,49 @@ def adamw(
       (-0.011, -0.01)
     """
     adam = scale_by_adam(b1, b2, eps)
-    return _chain(adam, _decay(weight_decay, mask), scale_by_learning_rate(learning_rate))
+    tx = _chain(adam, _decay(weight_decay, mask), scale_by_learning_rate(learning_rate))
+    return tx._replace(fused_step=_adamw_step(learning_rate, b1, b2, eps, weight_decay, mask))
+
+
+def _adamw_step(
+    learning_rate: LR,
+    b1: Scalar,
+    b2: Scalar,
+    eps: Scalar,
+    weight_decay: Scalar,
+    mask: MaskSpec | None,
+) -> Any:
+    """``adamw``'s update and apply in one kernel pass per leaf (``LeafOps.adamw_applied``),
+    on the state of its chain: ``(adam's, the decay's, the learning rate's)``."""
+    select = chooser((lambda path, leaf: True) if mask is None else mask)  # the decayed leaves
+
+    def fused_step(updates: Any, state: Any, params: Any, grad_scale: Tensor | None = None) -> Any:
+        adam_state, decay_state, lr_state = state
+        scheduled = callable(learning_rate)
+        rate = learning_rate(lr_state["count"]) if scheduled else learning_rate  # type: ignore[operator]
+        ops = leaf_ops(b1, b2, eps, weight_decay, rate)
+        if not ops.fused:
+            return None
+        p_leaves, spec, chosen = select(params)
+        decayed = [False] * len(p_leaves)
+        for i, _ in chosen:
+            decayed[i] = True
+        moments = [spec.flatten_up_to(adam_state[k]) for k in ("mu", "nu")]
+        count = adam_state["count"] + 1
+        hyper = (b1, b2, eps, float(rate), weight_decay)
+        out = ops.adamw_applied(
+            p_leaves, spec.flatten_up_to(updates), *moments, hyper, count, decayed, grad_scale
+        )
+        if out is None:
+            return None
+        if all(a is b for a, b in zip(out[0], p_leaves)):  # donated: updated where they lie
+            new_p, mu, nu = params, adam_state["mu"], adam_state["nu"]
+        else:
+            new_p, mu, nu = (optree.tree_unflatten(spec, xs) for xs in out)
+        lr_state = {"count": lr_state["count"] + 1} if scheduled else lr_state
+        return new_p, ({"count": count, "mu": mu, "nu": nu}, decay_state, lr_state)
+
+    return fused_step
 
 
 def lion(

@@ -4,6 +4,9 @@
 ``params = apply_updates(params, updates)``. Transforms are pure: nothing passed in is mutated,
 except inside :func:`donated`, where the updates, the state and the params passed in are given
 up (as JAX's donated buffers) and the common transforms update them in place.
+``params, state = update_and_apply(tx, grads, state, params)`` is both steps at once: a
+transform with a ``fused_step`` (``adamw``) then runs as ``torch.optim.AdamW(fused=True)``
+does, one kernel pass per leaf, where the kernel applies (eager, CPU, float32/float64).
 
 Leaf arithmetic goes through :func:`leaf_ops`: in eager code it uses the fused
 ``torch._foreach_*`` kernels (one call for all leaves); under ``vmap``/``grad``/``jvp``, when a
@@ -46,12 +49,22 @@ class _Update(Protocol):
     ) -> tuple[Tree, Tree]: ...
 
 
+class _FusedStep(Protocol):
+    def __call__(
+        self, updates: Tree, state: Tree, params: Tree, grad_scale: Tensor | None = None
+    ) -> tuple[Tree, Tree] | None: ...
+
+
 class GradientTransformation(NamedTuple):
     """A pair of pure functions: ``init(params) -> state`` and
-    ``update(updates, state, params=None) -> (new_updates, new_state)``."""
+    ``update(updates, state, params=None) -> (new_updates, new_state)``; optionally
+    ``fused_step(updates, state, params, grad_scale=None) -> (new_params, new_state)``, the
+    update of ``updates / grad_scale`` and :func:`apply_updates` in one pass per leaf, or None
+    where it does not apply (:func:`update_and_apply` calls it)."""
 
     init: _Init
     update: _Update
+    fused_step: _FusedStep | None = None
 
 
 _FOREACH = True
@@ -287,12 +300,8 @@ class LeafOps:
         a copy. Moments and direction agree with the unfused path's to a few float32 ulps.
         Measured on nanoGPT's 4 x 128 recipe (2 threads): the optimizer step 2.3 ms against 3.0
         with the nine foreach passes, and 0.6 ms less again without a zeroed scratch buffer."""
-        if not (self.fused and g) or any(isinstance(h, Tensor) for h in hyper) or count >= 2**24:
+        if not self._kernel_takes(hyper, count, g, mu, nu):
             return None
-        if any(x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) for x in g):
-            return None
-        if not all(_one_dense_layout(x, m, v) for x, m, v in zip(g, mu, nu)):
-            return None  # the kernel walks memory in order: one dtype and one layout per leaf
         if not self.in_place:  # fresh moments and direction; nothing given is touched
             g = [x.clone() for x in g]  # clone keeps a dense tensor's strides
             mu, nu = list(torch._foreach_mul(mu, 1.0)), list(torch._foreach_mul(nu, 1.0))
@@ -303,6 +312,59 @@ class LeafOps:
             amsgrad=False, maximize=False,
         )  # fmt: skip
         return g, mu, nu
+
+    def adamw_applied(
+        self,
+        params: list[Tensor],
+        g: list[Tensor],
+        mu: list[Tensor],
+        nu: list[Tensor],
+        hyper: tuple,
+        count: Tensor,
+        decayed: list[bool],
+        grad_scale: Tensor | None = None,
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]] | None:
+        """AdamW's whole step ``(params, mu, nu)``, the update applied, in one pass per leaf:
+        torch's fused CPU AdamW kernel on the params themselves (``torch.optim.AdamW(fused=
+        True)``), ``hyper`` being ``(b1, b2, eps, learning_rate, weight_decay)`` and the decay
+        on the ``decayed`` leaves only, of the gradients divided by ``grad_scale`` (a 0-d
+        float32 tensor: clipping, without a pass of its own). None where :meth:`adam_fused`
+        would be None or the learning rate or decay is a tensor. Donated, params and moments
+        are updated where they lie (and, with ``grad_scale``, the gradients divided); else
+        copies are.
+
+        Against the chain of passes (Adam's direction, the decay, the learning rate, the
+        update applied: four passes over each leaf, and their Python) the params agree to a
+        few float32 ulps. Measured on nanoGPT's 4 x 128 recipe (2 threads): see
+        docs/benchmarks.md, "the optimizer in one pass"."""
+        if not self._kernel_takes(hyper, count, params, g, mu, nu):
+            return None
+        if not self.in_place:  # fresh params and moments; nothing given is touched
+            params = [x.clone() for x in params]
+            mu, nu = [x.clone() for x in mu], [x.clone() for x in nu]
+            g = g if grad_scale is None else [x.clone() for x in g]  # the kernel divides them
+        b1, b2, eps, lr, wd = (float(h) for h in hyper)
+        step = [count.to(torch.float32)] * len(g)
+        for rate in {wd if d else 0.0 for d in decayed}:
+            pick = [i for i, d in enumerate(decayed) if (wd if d else 0.0) == rate]
+            torch._fused_adamw_(
+                *([xs[i] for i in pick] for xs in (params, g, mu, nu)), [], step[: len(pick)],
+                lr=lr, beta1=b1, beta2=b2, weight_decay=rate, eps=eps, amsgrad=False,
+                maximize=False, grad_scale=grad_scale,
+            )  # fmt: skip
+        return params, mu, nu
+
+    def _kernel_takes(self, hyper: tuple, count: Tensor, *lists: list[Tensor]) -> bool:
+        """Whether torch's fused CPU AdamW kernel computes what the unfused ops would: fused
+        ops, number hyper-parameters, CPU float32/float64 leaves with one layout per leaf
+        across ``lists``, and a step count that float32 holds exactly."""
+        first = lists[0]
+        if not (self.fused and first) or any(isinstance(h, Tensor) for h in hyper):
+            return False
+        wide = (torch.float32, torch.float64)
+        if count >= 2**24 or any(x.device.type != "cpu" or x.dtype not in wide for x in first):
+            return False
+        return all(_one_dense_layout(*xs) for xs in zip(*lists))  # it walks memory in order
 
     def adam_direction(
         self, mu: list[Tensor], nu: list[Tensor], c1: Scalar, c2: Scalar, eps: Scalar
@@ -368,3 +430,19 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
     ops = leaf_ops()
     new = ops.add_(p_leaves, u_leaves)
     return params if ops.in_place and new is p_leaves else optree.tree_unflatten(spec, new)
+
+
+def update_and_apply(
+    tx: GradientTransformation, updates: Tree, state: Tree, params: Tree
+) -> tuple[Tree, Tree]:
+    """``tx.update`` then :func:`apply_updates`: new ``(params, state)``. A transform with a
+    ``fused_step`` (``adamw``, and the optimizer ``gptfn.train.make_optimizer`` builds from
+    it) does both in one pass per leaf where it can, as ``torch.optim``'s fused AdamW, to a
+    few float32 ulps of the separate update; elsewhere (a torch.func transform, compile,
+    other dtypes or devices) it is the update and the sum."""
+    if tx.fused_step is not None:
+        stepped = tx.fused_step(updates, state, params)
+        if stepped is not None:
+            return stepped
+    updates, state = tx.update(updates, state, params)
+    return apply_updates(params, updates), state

@@ -8,7 +8,7 @@ from typing import Any
 import optree
 from torch import Tensor
 
-from gptfn.optim.base import GradientTransformation
+from gptfn.optim.base import GradientTransformation, apply_updates, leaf_ops
 from gptfn.tracing import is_compiling
 from gptfn.tree import Tree, flatten
 
@@ -17,7 +17,9 @@ MaskSpec = Tree | Callable[[str, Tensor], bool]
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
-    """Apply ``transforms`` one after another; the state is the tuple of their states."""
+    """Apply ``transforms`` one after another; the state is the tuple of their states. With
+    a last transform that has a ``fused_step`` (``adamw``), so has the chain: the others'
+    updates, then that one's fused step."""
 
     def init(params: Tree) -> Tree:
         return tuple(t.init(params) for t in transforms)
@@ -29,7 +31,24 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(s)
         return updates, tuple(new_state)
 
-    return GradientTransformation(init, update)
+    def fused_step(
+        updates: Tree, state: Tree, params: Tree, grad_scale: Tensor | None = None
+    ) -> tuple[Tree, Tree] | None:
+        if grad_scale is not None or not leaf_ops().fused:
+            return None  # before anything is spent: the caller's update + apply instead
+        *firsts, last = transforms
+        new_state = []
+        for t, s in zip(firsts, state[:-1], strict=True):
+            updates, s = t.update(updates, s, params)
+            new_state.append(s)
+        stepped = last.fused_step(updates, state[-1], params)  # type: ignore[misc]
+        if stepped is None:  # the others' updates are done (in place, when donated)
+            updates, last_state = last.update(updates, state[-1], params)
+            stepped = apply_updates(params, updates), last_state
+        return stepped[0], (*new_state, stepped[1])
+
+    last_fused = bool(transforms) and transforms[-1].fused_step is not None
+    return GradientTransformation(init, update, fused_step if last_fused else None)
 
 
 def _selected(mask: MaskSpec, params: Tree) -> list[str]:
@@ -56,20 +75,7 @@ def masked(inner: GradientTransformation, mask: MaskSpec) -> GradientTransformat
     Returns:
       A ``GradientTransformation`` whose state is ``inner``'s over the chosen leaves.
     """
-    selections: dict[Any, list[tuple[int, str]]] = {}
-
-    def choose(tree: Tree) -> list[tuple[int, str]]:
-        chosen = set(_selected(mask, tree))
-        return [(i, p) for i, p in enumerate(flatten(tree)) if p in chosen]
-
-    def select(tree: Tree) -> tuple[list[Tensor], Any, list[tuple[int, str]]]:
-        leaves, spec = optree.tree_flatten(tree)
-        if is_compiling():  # traced once per graph; dynamo cannot hash a PyTreeSpec
-            return leaves, spec, choose(tree)
-        key = (spec, tuple(tuple(x.shape) for x in leaves))
-        if key not in selections:
-            selections[key] = choose(tree)
-        return leaves, spec, selections[key]
+    select = chooser(mask)
 
     def init(params: Tree) -> Tree:
         leaves, _, chosen = select(params)
@@ -85,4 +91,44 @@ def masked(inner: GradientTransformation, mask: MaskSpec) -> GradientTransformat
             out[i] = new_sub[path]
         return optree.tree_unflatten(spec, out), state
 
-    return GradientTransformation(init, update)
+    def fused_step(
+        updates: Tree, state: Tree, params: Tree, grad_scale: Tensor | None = None
+    ) -> tuple[Tree, Tree] | None:
+        """``inner``'s fused step when it chooses every leaf (else the others' updates
+        would need a pass of their own)."""
+        leaves, spec, chosen = select(params)
+        if len(chosen) != len(leaves):
+            return None
+        u_leaves = spec.flatten_up_to(updates)
+        sub = {path: u_leaves[i] for i, path in chosen}
+        sub_params = {path: leaves[i] for i, path in chosen}
+        stepped = inner.fused_step(sub, state, sub_params, grad_scale)  # type: ignore[misc]
+        if stepped is None:
+            return None
+        new_sub, state = stepped
+        new = [new_sub[path] for _, path in chosen]
+        same = all(a is b for a, b in zip(new, leaves))
+        return (params if same else optree.tree_unflatten(spec, new)), state
+
+    return GradientTransformation(init, update, fused_step if inner.fused_step else None)
+
+
+def chooser(mask: MaskSpec) -> Callable[[Tree], tuple[list[Tensor], Any, list[tuple[int, str]]]]:
+    """A function of a tree: its leaves, their spec and ``(index, dotted_path)`` of the leaves
+    ``mask`` chooses, worked out once per tree structure and leaf shapes, then reused."""
+    selections: dict[Any, list[tuple[int, str]]] = {}
+
+    def choose(tree: Tree) -> list[tuple[int, str]]:
+        chosen = set(_selected(mask, tree))
+        return [(i, p) for i, p in enumerate(flatten(tree)) if p in chosen]
+
+    def select(tree: Tree) -> tuple[list[Tensor], Any, list[tuple[int, str]]]:
+        leaves, spec = optree.tree_flatten(tree)
+        if is_compiling():  # traced once per graph; dynamo cannot hash a PyTreeSpec
+            return leaves, spec, choose(tree)
+        key = (spec, tuple(tuple(x.shape) for x in leaves))
+        if key not in selections:
+            selections[key] = choose(tree)
+        return leaves, spec, selections[key]
+
+    return select

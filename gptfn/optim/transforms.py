@@ -158,7 +158,7 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
         ops = leaf_ops(max_norm)
 
         def clip(u: list[Tensor]) -> list[Tensor]:
-            coef = torch.clamp(max_norm / (ops.norm(u) + 1e-6), max=1.0)
+            coef = clip_factor(ops.norm(u), max_norm)
             if ops.in_place:  # donated: scale the spent updates where they lie
                 return ops.scale_(u, coef)
             return (
@@ -168,6 +168,11 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
         return _map_leaves(clip, updates), state
 
     return GradientTransformation(lambda params: {}, update)
+
+
+def clip_factor(norm: Tensor, max_norm: Scalar) -> Tensor:
+    """What :func:`clip_by_global_norm` multiplies updates of global norm ``norm`` by."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
 def trace(decay: Scalar, nesterov: bool = False) -> GradientTransformation:

@@ -13,17 +13,18 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import optree
 from torch import Tensor
 
 from gptfn.optim.aliases import adamw, lion, muon, sgd
-from gptfn.optim.base import GradientTransformation, Schedule
+from gptfn.optim.base import GradientTransformation, Schedule, leaf_ops
 from gptfn.optim.combine import chain, masked
 from gptfn.optim.schedules import (
     linear_schedule,
     warmup_cosine_decay_schedule,
     warmup_stable_decay_schedule,
 )
-from gptfn.optim.transforms import clip_by_global_norm, set_to_zero
+from gptfn.optim.transforms import clip_by_global_norm, clip_factor, set_to_zero
 from gptfn.settings import OptionError, check_options, option
 from gptfn.train.user_optimizer import is_user_optimizer, load_user_optimizer, user_optimizer
 
@@ -189,5 +190,37 @@ def make_optimizer(
     else:
         raise OptionError("optimizer", cfg.optimizer, f"one of {', '.join(OPTIMIZERS)}")
     mine = owned if owned is not None else (lambda path, leaf: True)
-    tx = chain(masked(tx, mine), masked(set_to_zero(), lambda path, leaf: not mine(path, leaf)))
-    return chain(clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip > 0 else tx
+    ours = masked(tx, mine)
+    tx = chain(ours, masked(set_to_zero(), lambda path, leaf: not mine(path, leaf)))
+    clip = clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else None
+    whole = tx if clip is None else chain(clip, tx)
+    if owned is None and ours.fused_step is not None:  # every leaf is this process's
+        whole = whole._replace(fused_step=_one_pass(cfg.grad_clip, clip, ours))
+    return whole
+
+
+def _one_pass(
+    max_norm: float, clip: GradientTransformation | None, ours: GradientTransformation
+) -> Callable[..., tuple[Any, Any] | None]:
+    """``make_optimizer``'s fused step when no leaf is zeroed: the optimizer's own (AdamW's
+    kernel), the clip its gradients' divisor; None where that does not apply. The state is
+    the chain's: ``(clip's, (ours, the zeroed part's))``, without the clip's when unclipped."""
+
+    def fused_step(
+        updates: Any, state: Any, params: Any, grad_scale: Tensor | None = None
+    ) -> tuple[Any, Any] | None:
+        if grad_scale is not None or not leaf_ops(max_norm).fused:
+            return None
+        clip_state, (our_state, zero_state) = state if clip is not None else ({}, state)
+        divisor = None
+        if clip is not None:  # the gradients' norm: the step's logged one, not a second pass
+            factor = clip_factor(leaf_ops().norm(optree.tree_leaves(updates)), max_norm)
+            divisor = None if factor >= 1 else (1 / factor).float()
+        stepped = ours.fused_step(updates, our_state, params, divisor)  # type: ignore[misc]
+        if stepped is None:
+            return None
+        params, our_state = stepped
+        rest = (our_state, zero_state)
+        return params, rest if clip is None else (clip_state, rest)
+
+    return fused_step

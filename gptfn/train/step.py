@@ -166,8 +166,7 @@ def make_train_step(
             grads = reduce_grads(grads)
         grad_norm, remember = logged_norm(grads)
         with remember, optim.donated() if donate else contextlib.nullcontext():
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optim.apply_updates(params, updates)
+            params, opt_state = optim.update_and_apply(tx, grads, opt_state, params)
         return params, opt_state, {"loss": loss_value, "grad_norm": grad_norm}
 
     return step
