@@ -335,8 +335,8 @@ class LeafOps:
 
         Against the chain of passes (Adam's direction, the decay, the learning rate, the
         update applied: four passes over each leaf, and their Python) the params agree to a
-        few float32 ulps. Measured on nanoGPT's 4 x 128 recipe (2 threads): see
-        docs/benchmarks.md, "the optimizer in one pass"."""
+        few float32 ulps. On nanoGPT's 4 x 128 model (2 threads), with the clip as divisor:
+        0.93 ms a step against 1.7 ms (``experiments/bench_optimizer.py``)."""
         if not self._kernel_takes(hyper, count, params, g, mu, nu):
             return None
         if not self.in_place:  # fresh params and moments; nothing given is touched
