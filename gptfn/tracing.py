@@ -51,6 +51,15 @@ def inside_transform() -> bool:
     return transform_depth() > 0
 
 
+def plain_eager(*tensors: Tensor | None) -> bool:
+    """Eager, outside torch.func transforms, with none of ``tensors`` to differentiate: where a
+    custom kernel without a derivative or a batching rule may run."""
+    if is_compiling() or inside_transform():
+        return False
+    grad = torch.is_grad_enabled()
+    return not (grad and any(t is not None and t.requires_grad for t in tensors))
+
+
 def needs_math_sdpa() -> bool:
     """True under any torch.func transform but a single ``grad``/``vjp``: the fused CPU attention
     kernels have no batching rule (vmap would loop), no forward-mode AD (jvp) and no double

@@ -199,3 +199,33 @@ def test_a_compiled_bfloat16_decode_step_calls_no_matrix_kernel():
 
     mm_calls(1)  # compile first
     assert mm_calls(4) == mm_calls(1)  # three more decode steps, no more matrix kernels
+
+
+def test_an_eager_bfloat16_decode_step_takes_the_kernels_only_without_gradients():
+    _kernel_or_skip()
+    cfg = gptfn.GPTConfig(64, 256, 2, 8, 256, n_kv_head=2, position="rotary", mlp="swiglu")
+    params = gptfn.generation.decode_layout(gptfn.init(cfg, seed=0, dtype=torch.bfloat16))
+    cache = gptfn.generation.init_cache(params, 1, 256)  # 8 heads x 256 keys: explicit path
+    prompt = torch.randint(0, 64, (1, 255), generator=torch.Generator().manual_seed(0))
+    _, cache = gptfn.generation.extend(params, prompt, cache)
+    kernels = {"gptfn::gemv_bf16", "gptfn::attend_one_bf16"}
+
+    def step(tree):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            logits, _ = gptfn.generation.extend(tree, torch.tensor([[4]]), dict(cache))
+        return logits, {e.key for e in prof.key_averages()} & kernels
+
+    with torch.no_grad():
+        fast, used = step(params)
+    assert used == kernels
+    differentiable = {k: v for k, v in params.items()}  # the same tree, its weights to train
+    differentiable["blocks"] = [
+        {
+            name: {k: w.detach().requires_grad_() for k, w in part.items()}
+            for name, part in b.items()
+        }
+        for b in params["blocks"]
+    ]
+    slow, used = step(differentiable)
+    assert not used and slow.requires_grad  # no derivative in the kernels: torch's ops
+    torch.testing.assert_close(fast.float(), slow.float(), atol=0.05, rtol=0.02)

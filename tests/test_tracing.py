@@ -59,3 +59,18 @@ def test_import_gptfn_survives_torch_moving_its_private_functions():
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["0", "False", "False", "1.0"]
+
+
+def test_plain_eager_is_eager_code_with_nothing_to_differentiate():
+    from gptfn.tracing import plain_eager
+
+    x, w = torch.ones(3), torch.ones(3, requires_grad=True)
+    assert plain_eager(x, None) and not plain_eager(x, w)
+    with torch.no_grad():
+        assert plain_eager(x, w)
+    seen = []
+    torch.func.vmap(lambda t: seen.append(plain_eager(t)) or t)(torch.ones(2, 3))
+    torch.func.grad(lambda t: seen.append(plain_eager(x)) or t.sum())(torch.ones(3))
+    assert seen == [False, False]  # inside torch.func transforms
+    compiled = torch.compile(lambda t: t + 1 if plain_eager(t) else t - 1, fullgraph=True)
+    assert compiled(torch.ones(1)).item() == 0.0  # traced by torch.compile

@@ -23,7 +23,7 @@ from gptfn.model import decode_kernels
 from gptfn.model.context import AttentionImpl, Context
 from gptfn.model.layers import apply_rotary, dense, norm
 from gptfn.shapes import Float, Params, Tensor
-from gptfn.tracing import is_traced, needs_math_sdpa, transform_depth
+from gptfn.tracing import is_traced, needs_math_sdpa, plain_eager, transform_depth
 
 
 def attention_qkv(
@@ -211,15 +211,17 @@ def _one_query_attention(
 ) -> Tensor:
     """Attention of one query per row (a decode step) as scores, softmax, weighted sum.
     Grouped-query heads share their key/value head without copying the cache; the softmax runs
-    in float32 (as SDPA's math backend does for half precision). Compiled, bfloat16 steps call
-    :func:`gptfn.model.decode_kernels.attend_one_bf16` where it is built (3.7x inductor's loops
-    at 32 heads over 8, 1,024 slots); else the products are summed in float32, which inductor
-    fuses into one pass over the cache (a matmul would first copy the cache's [keys, head]
-    layout to [head, keys]); eager, two matmuls."""
+    in float32 (as SDPA's math backend does for half precision). bfloat16 steps call
+    :func:`gptfn.model.decode_kernels.attend_one_bf16` where it is built, compiled or eager
+    without gradients (3.7x inductor's loops at 32 heads over 8, 1,024 slots); else, compiled,
+    the products are summed in float32, which inductor fuses into one pass over the cache (a
+    matmul would first copy the cache's [keys, head] layout to [head, keys]); eager, two
+    matmuls."""
     batch, heads, _, d_head = q.shape
     groups = k.shape[1]
     scale = 1 / math.sqrt(d_head) if scale is None else scale
-    if torch.compiler.is_compiling() and decode_kernels.attention_fits(q, k, v, mask):
+    kernel_ok = torch.compiler.is_compiling() or plain_eager(q, k, v)
+    if kernel_ok and decode_kernels.attention_fits(q, k, v, mask):
         z = decode_kernels.attend_one_bf16(
             q.reshape(batch, heads, d_head), k.transpose(1, 2), v.transpose(1, 2),
             mask.reshape(mask.shape[0], -1).expand(batch, -1).contiguous(), scale,
