@@ -40,16 +40,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     (2,048 x 8,192: 1,135 vs 602 us).
     """
     compiling = torch.compiler.is_compiling()
-    if _streams_better(x, weight) and (compiling or plain_eager(x, weight, bias)):
-        if _gemv_fits(x, weight):
-            y = decode_kernels.gemv_bf16(weight, x.reshape(-1).contiguous())
-        elif compiling:
-            y = (weight.float() * x.reshape(1, -1).float()).sum(-1)
-        else:
-            return F.linear(x, weight, bias)
-        y = y if bias is None else y + bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
-    return F.linear(x, weight, bias)
+    if not _streams_better(x, weight):
+        return F.linear(x, weight, bias)
+    if _gemv_fits(x, weight) and (compiling or plain_eager(x, weight, bias)):
+        y = decode_kernels.gemv_bf16(weight, x.reshape(-1).contiguous())
+    elif compiling:
+        y = (weight.float() * x.reshape(1, -1).float()).sum(-1)
+    else:
+        return F.linear(x, weight, bias)
+    y = y if bias is None else y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def _streams_better(x: Tensor, weight: Tensor) -> bool:
@@ -95,10 +95,11 @@ def dense(x: Tensor, w: Tensor, b: Tensor | None, in_dims: int = 1) -> Tensor:
 
 
 def _kernel_or_compiled(x: Tensor, w2: Tensor, b: Tensor | None) -> bool:
-    """Compiling, or eager where ``linear`` would take the built decode kernel."""
+    """Compiling, or eager where ``linear`` would take the built decode kernel (else eager
+    keeps ``x @ w2``)."""
     if torch.compiler.is_compiling():
         return True
-    return decode_kernels.available() and plain_eager(x, w2, b)
+    return plain_eager(x, w2, b) and _gemv_fits(x, w2.T)
 
 
 def _one_row_through_rows(x: Tensor, w2: Tensor) -> bool:

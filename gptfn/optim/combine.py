@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optree
@@ -25,11 +25,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(t.init(params) for t in transforms)
 
     def update(updates: Tree, state: Tree, params: Tree | None = None) -> tuple[Tree, Tree]:
-        new_state = []
-        for t, s in zip(transforms, state, strict=True):
-            updates, s = t.update(updates, s, params)
-            new_state.append(s)
-        return updates, tuple(new_state)
+        return _in_turn(transforms, updates, state, params)
 
     def fused_step(
         updates: Tree, state: Tree, params: Tree, grad_scale: Tensor | None = None
@@ -37,10 +33,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if grad_scale is not None or not leaf_ops().fused:
             return None  # before anything is spent: the caller's update + apply instead
         *firsts, last = transforms
-        new_state = []
-        for t, s in zip(firsts, state[:-1], strict=True):
-            updates, s = t.update(updates, s, params)
-            new_state.append(s)
+        updates, new_state = _in_turn(firsts, updates, state[:-1], params)
         stepped = last.fused_step(updates, state[-1], params)  # type: ignore[misc]
         if stepped is None:  # the others' updates are done (in place, when donated)
             updates, last_state = last.update(updates, state[-1], params)
@@ -49,6 +42,17 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     last_fused = bool(transforms) and transforms[-1].fused_step is not None
     return GradientTransformation(init, update, fused_step if last_fused else None)
+
+
+def _in_turn(
+    transforms: Sequence[GradientTransformation], updates: Tree, state: Tree, params: Tree | None
+) -> tuple[Tree, tuple]:
+    """``transforms``' updates one after another, and their new states."""
+    new_state = []
+    for t, s in zip(transforms, state, strict=True):
+        updates, s = t.update(updates, s, params)
+        new_state.append(s)
+    return updates, tuple(new_state)
 
 
 def _selected(mask: MaskSpec, params: Tree) -> list[str]:
